@@ -1,0 +1,46 @@
+"""Counts the records the loader skipped, logs them, and stops a run fed broken data."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from pbe_lightning.data.samples import SKIP_REASONS
+
+
+class DataHealth(L.Callback):
+    """Logs ``data/skipped_<reason>`` (cumulative) and fails past ``max_skip_fraction``.
+
+    Counts ride along in each batch (``skipped``, ``records_read``), so they cover every
+    loader worker; they are per rank, which is what a fraction needs.
+    """
+
+    def __init__(self, max_skip_fraction: float = 0.05, min_records: int = 1000) -> None:
+        self.max_skip_fraction = max_skip_fraction
+        self.min_records = min_records
+        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self.read = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if "skipped" not in batch:
+            return
+        self.skipped += batch["skipped"].cpu()
+        self.read += int(batch["records_read"])
+        for reason, count in zip(SKIP_REASONS, self.skipped.tolist()):
+            if count:
+                pl_module.log(f"data/skipped_{reason}", float(count), reduce_fx="max")
+        fraction = self.skipped.sum().item() / max(self.read, 1)
+        if self.read >= self.min_records and fraction > self.max_skip_fraction:
+            counts = {r: c for r, c in zip(SKIP_REASONS, self.skipped.tolist()) if c}
+            raise RuntimeError(
+                f"{fraction:.1%} of {self.read} records were unusable ({counts}), over "
+                f"callbacks.data_health.max_skip_fraction={self.max_skip_fraction}: the data is "
+                "broken; the first skip of each reason was warned with its shard and key"
+            )
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped.tolist(), "read": self.read}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = torch.tensor(state["skipped"], dtype=torch.long)
+        self.read = state["read"]

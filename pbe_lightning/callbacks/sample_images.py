@@ -1,0 +1,62 @@
+"""Paint a few validation samples and log the grid: source | mask | reference | edit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+
+def edit_grid(batch: dict, edits: torch.Tensor, limit: int) -> torch.Tensor:
+    """One row per sample: source, mask (white = edited), masked reference, edit; in [0, 1]."""
+    n = min(limit, edits.shape[0])
+    size = batch["image"].shape[-2:]
+    source = batch["image"][:n] * 0.5 + 0.5
+    hole = (1 - batch["mask"][:n]).expand(-1, 3, -1, -1)  # user-facing: white = edit
+    reference = F.interpolate(batch["reference"][:n].float(), size=size, mode="bilinear")
+    edit = edits[:n] * 0.5 + 0.5
+    rows = torch.stack([source, hole, reference, edit], dim=1).flatten(0, 1)
+    return make_grid(rows.float().cpu().clamp(0, 1), nrow=4, padding=2)
+
+
+class SampleImages(L.Callback):
+    def __init__(
+        self, dirpath: str, every_n_validations: int = 1, max_images: int = 8, seed: int = 0
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.every = every_n_validations
+        self.max_images = max_images
+        self.seed = seed
+        self._validations = 0
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs,
+        batch,
+        batch_idx,
+        dataloader_idx=0,
+    ) -> None:
+        if batch_idx != 0 or trainer.sanity_checking:
+            return
+        self._validations += 1
+        if (self._validations - 1) % self.every:
+            return
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        edits = pl_module.paint(batch, generator=generator)
+        self._publish(trainer, edit_grid(batch, edits, self.max_images))
+
+    @rank_zero_only
+    def _publish(self, trainer: L.Trainer, grid: torch.Tensor) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        save_image(grid, self.dirpath / f"step_{trainer.global_step:07d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                caption = "source | mask (white = edit) | reference | edit"
+                logger.log_image("val/samples", [grid], step=trainer.global_step, caption=[caption])

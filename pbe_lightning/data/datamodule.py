@@ -1,0 +1,200 @@
+"""WebDataset DataModule: shards in, batches in the model's contract out.
+
+Batch contract after ``on_after_batch_transfer`` (i.e. on the accelerator):
+``image`` (B,3,R,R) in [-1, 1]; ``mask`` (B,1,R,R) with KEEP=1 / EDIT=0;
+``masked_image`` = image * mask; ``reference`` (B,3,S,S) in [0, 1], augmented when training
+(the encoder applies its own CLIP normalisation, since that belongs to the encoder).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import braceexpand
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pbe_lightning.data.augment import Augment
+from pbe_lightning.data.crops import BoxFilter, CropSampler
+from pbe_lightning.data.demo import ensure_demo_dataset
+from pbe_lightning.data.masks import MaskGenerator
+from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
+from pbe_lightning.data.stream import EpochOfBatches, StreamPlace, TrainStream
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+def expand_urls(shards: str | Sequence[str]) -> list[str]:
+    """Brace patterns (``a-{000..009}.tar``), globs, or a list of either -> shard URLs."""
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in braceexpand.braceexpand(str(pattern)):
+            is_glob = any(c in url for c in "*?[") and not url.startswith(REMOTE_PREFIXES)
+            urls.extend(sorted(glob.glob(os.path.expanduser(url))) if is_glob else [url])
+    return urls
+
+
+def check_local_shards(urls: list[str], option: str) -> None:
+    if not urls:
+        raise FileNotFoundError(
+            f"{option} matches no shards: pass {option}='/path/train-{{000000..000099}}.tar'"
+        )
+    missing = [u for u in urls if not u.startswith(REMOTE_PREFIXES) and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards in {option} do not exist, e.g. {missing[0]}: "
+            f"fix the path or pattern ({option}=...), or train on the demo data with data=demo"
+        )
+
+
+class PreviewSet(Dataset):
+    """The first ``count`` usable samples of some shards, decoded once with fixed masks.
+
+    Validation only needs a loss and a picture; a small in-memory map-style set gives every
+    rank the same number of batches (Lightning pads it with a DistributedSampler) and the
+    same pictures every epoch.
+    """
+
+    def __init__(
+        self, urls: list[str], spec: SampleSpec, masks: MaskGenerator, count: int, seed: int
+    ) -> None:
+        stream = TrainStream(urls, spec, batch_size=1, seed=seed)
+        records = stream.records(random.Random(seed), torch.zeros(len(SKIP_REASONS)))
+        samples: list[dict] = []
+        for index, record in enumerate(records):
+            if len(samples) == count or index >= 50 * count:
+                break
+            try:
+                samples.append(make_sample(record, spec, random.Random(f"preview:{seed}:{index}")))
+            except SkipSample:
+                continue
+        if not samples:
+            raise RuntimeError(
+                f"no usable sample among the first {50 * count} records of {urls[:3]}"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        boxes = torch.stack([s["object_box"] for s in samples])
+        mask_boxes = torch.stack([s["mask_box"] for s in samples])
+        mask = masks(boxes, mask_boxes, spec.resolution, generator=generator)
+        for sample, sample_mask in zip(samples, mask):
+            sample["mask"] = sample_mask
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.samples[index]
+
+
+class PaintByExampleDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None = None,
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        resolution: int = 512,
+        reference_size: int = 224,
+        batches_per_epoch: int = 1000,
+        val_samples: int = 16,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        box_filter: BoxFilter | None = None,
+        crop: CropSampler | None = None,
+        max_upscale: float = 4.0,
+        mask: MaskGenerator | None = None,
+        augment: Augment | None = None,
+        demo_dir: str | None = None,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.shards, self.val_shards = shards, val_shards
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.batches_per_epoch = batches_per_epoch
+        self.val_samples = val_samples
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.spec = SampleSpec(
+            resolution,
+            reference_size,
+            box_filter or BoxFilter(),
+            crop or CropSampler(),
+            max_upscale,
+        )
+        self.masks = mask or MaskGenerator()
+        self.augment = augment or Augment()
+        self.demo_dir = demo_dir
+        self.pin_memory = pin_memory
+        self._train_loader: EpochOfBatches | None = None
+
+    def prepare_data(self) -> None:
+        if self.demo_dir:
+            ensure_demo_dataset(self.demo_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_urls = expand_urls(self.shards)
+        check_local_shards(self.train_urls, "data.shards")
+        if self.val_shards is None:
+            self.val_urls = self.train_urls
+        else:
+            self.val_urls = expand_urls(self.val_shards)
+            check_local_shards(self.val_urls, "data.val_shards")
+
+    def train_dataloader(self) -> EpochOfBatches:
+        # Built once: the endless stream continues across epochs instead of restarting.
+        if self._train_loader is None:
+            place = (
+                StreamPlace(self.trainer.global_rank, self.trainer.world_size)
+                if self._has_trainer()
+                else StreamPlace()
+            )
+            stream = TrainStream(
+                self.train_urls, self.spec, self.batch_size, self.seed, self.shuffle_buffer, place
+            )
+            loader = DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=self.pin_memory and torch.cuda.is_available(),
+                prefetch_factor=4 if self.num_workers > 0 else None,
+            )
+            self._train_loader = EpochOfBatches(loader, self.batches_per_epoch)
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        preview = PreviewSet(self.val_urls, self.spec, self.masks, self.val_samples, self.seed)
+        return DataLoader(preview, batch_size=self.val_batch_size, shuffle=False)
+
+    def _has_trainer(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        training = self._has_trainer() and self.trainer.training
+        return device_transform(batch, self.masks, self.augment, training)
+
+
+def device_transform(batch: dict, masks: MaskGenerator, augment: Augment, training: bool) -> dict:
+    """uint8 crops and boxes -> the model's batch contract, batched on the batch's device."""
+    image = batch["image"].float() / 127.5 - 1
+    size = image.shape[-1]
+    mask = batch.get("mask")
+    if mask is None:
+        mask = masks(batch["object_box"], batch["mask_box"], size)
+    reference = batch["reference"].float() / 255
+    if training:
+        image, mask = augment.scene(image, mask)
+        reference = augment.reference(reference)
+    out = dict(batch)
+    out.update(image=image, mask=mask, masked_image=image * mask, reference=reference)
+    return out

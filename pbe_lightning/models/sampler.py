@@ -1,0 +1,87 @@
+"""Classifier-free-guided inpainting with diffusers schedulers (DDIM by default).
+
+Mirrors diffusers' ``PaintByExamplePipeline`` step for step (same latent draw, same
+[uncond, cond] order, same channel layout), so an exported model reproduces our samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
+
+from pbe_lightning.models.backbone import vae_downscale
+
+SAMPLERS = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # else set_timesteps(n) runs more than n
+    "dpm": (DPMSolverMultistepScheduler, {}),
+}
+
+
+def make_sampler(name: str, training_scheduler: SchedulerMixin) -> SchedulerMixin:
+    """A sampling scheduler sharing the training noise schedule (betas, timesteps)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is unknown: use one of {sorted(SAMPLERS)}")
+    cls, extra = SAMPLERS[name]
+    return cls.from_config(training_scheduler.config, **extra)
+
+
+def encode_latents(
+    vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (a posterior sample, as in training and diffusers)."""
+    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    return posterior.sample(generator) * vae.config.scaling_factor
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def paint(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler: SchedulerMixin,
+    context: torch.Tensor,
+    uncond: torch.Tensor,
+    masked_image: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int = 50,
+    guidance_scale: float = 5.0,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Paint the holes (``mask`` EDIT = 0) guided by ``context``; returns images in [-1, 1]."""
+    batch, device = masked_image.shape[0], masked_image.device
+    height, width = (side // vae_downscale(vae) for side in masked_image.shape[-2:])
+    shape = (batch, vae.config.latent_channels, height, width)
+    scheduler.set_timesteps(steps, device=device)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=unet.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    mask_latent = F.interpolate(mask.to(unet.dtype), size=shape[-2:])
+    masked_latents = encode_latents(vae, masked_image, generator).to(unet.dtype)
+    guided = guidance_scale > 1.0
+    if guided:
+        context = torch.cat([uncond, context])
+        mask_latent = torch.cat([mask_latent] * 2)
+        masked_latents = torch.cat([masked_latents] * 2)
+    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        model_input = torch.cat([model_input, masked_latents, mask_latent], dim=1)
+        eps = unet(model_input, t, encoder_hidden_states=context).sample
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents, generator=generator, **extra).prev_sample
+    return decode_latents(vae, latents)

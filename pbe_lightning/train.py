@@ -1,0 +1,54 @@
+"""``train(cfg)``: a plain function from a composed config to a fitted model and its metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from pbe_lightning.models.build import build_model
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_each(group: DictConfig | None) -> list:
+    """A config group holding named components (callbacks, loggers) -> their instances."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+@rank_zero_only
+def save_resolved_config(cfg: DictConfig, loggers: list[Logger]) -> None:
+    """The fully resolved config beside the outputs and in every logger (W&B: run config)."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build data, model, callbacks, loggers and trainer from ``cfg``; fit; return metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    # Data first: a wrong shard path fails in milliseconds, before any weights load.
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = build_model(cfg.model)
+    loggers = instantiate_each(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_each(cfg.get("callbacks")), logger=loggers or False
+    )
+    save_resolved_config(cfg, loggers)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("finished in %s: %s", os.path.abspath(cfg.paths.output_dir), metrics)
+    return metrics

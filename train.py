@@ -3,9 +3,12 @@
 With no arguments: the demo (generated data, tiny models, CPU, a few minutes). See README.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from pbe_lightning.cli import quote_brace_patterns
 from pbe_lightning.train import train
 
 
@@ -15,4 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_brace_patterns(sys.argv)
     main()

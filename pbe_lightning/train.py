@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from pbe_lightning.models.build import build_model
+from pbe_lightning.models.build import build_model, instantiate
 
 log = logging.getLogger(__name__)
+# The frozen VAE and CLIP tower are in eval mode on purpose; Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def instantiate_each(group: DictConfig | None) -> list:

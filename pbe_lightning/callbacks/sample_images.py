@@ -13,13 +13,17 @@ from torchvision.utils import make_grid, save_image
 
 
 def edit_grid(batch: dict, edits: torch.Tensor, limit: int) -> torch.Tensor:
-    """One row per sample: source, mask (white = edited), masked reference, edit; in [0, 1]."""
+    """One row per sample: source, hole (white), reference, edit pasted into the hole; [0, 1].
+
+    Pasting back shows exactly what the model painted, next to untouched context.
+    """
     n = min(limit, edits.shape[0])
     size = batch["image"].shape[-2:]
     source = batch["image"][:n] * 0.5 + 0.5
     hole = (1 - batch["mask"][:n]).expand(-1, 3, -1, -1)  # user-facing: white = edit
     reference = F.interpolate(batch["reference"][:n].float(), size=size, mode="bilinear")
-    edit = edits[:n] * 0.5 + 0.5
+    keep = batch["mask"][:n]
+    edit = (batch["image"][:n] * keep + edits[:n] * (1 - keep)) * 0.5 + 0.5
     rows = torch.stack([source, hole, reference, edit], dim=1).flatten(0, 1)
     return make_grid(rows.float().cpu().clamp(0, 1), nrow=4, padding=2)
 
@@ -58,5 +62,5 @@ class SampleImages(L.Callback):
         save_image(grid, self.dirpath / f"step_{trainer.global_step:07d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                caption = "source | mask (white = edit) | reference | edit"
+                caption = "source | hole | reference | edit (pasted into the hole)"
                 logger.log_image("val/samples", [grid], step=trainer.global_step, caption=[caption])

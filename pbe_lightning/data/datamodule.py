@@ -142,6 +142,11 @@ class PaintByExampleDataModule(L.LightningDataModule):
             ensure_demo_dataset(self.demo_dir)
 
     def setup(self, stage: str | None = None) -> None:
+        if not self.shards:
+            raise ValueError(
+                "data.shards is not set: pass data.shards='/data/train-{000000..000999}.tar' "
+                "(a brace pattern, glob or list of shard paths/URLs), or use data=demo"
+            )
         self.train_urls = expand_urls(self.shards)
         check_local_shards(self.train_urls, "data.shards")
         if self.val_shards is None:

@@ -32,13 +32,15 @@ class Backbone:
     unet: UNet2DConditionModel
 
 
-def load_backbone(path: str, config: str | None = None) -> Backbone:
+def load_backbone(path: str | None, config: str | None = None) -> Backbone:
     """Load VAE + UNet from ``path`` and make the UNet take Paint-by-Example's 9 channels."""
-    source = Path(path).expanduser()
     fix = (
         "pass model.backbone.path=<diffusers folder or SD .safetensors/.ckpt file>, "
         "or use model/backbone=tiny"
     )
+    if path is None:
+        raise FileNotFoundError(f"model.backbone.path is not set: {fix}")
+    source = Path(path).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"no Stable Diffusion weights at {source}: {fix}")
     if source.is_dir():
@@ -102,13 +104,16 @@ def _read_config(file: Path) -> dict:
 
 
 def _load_exactly(model: nn.Module, state: dict, file: Path, config: Path) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    fix = (
+        f"weights in {file} do not match the architecture in {config}: pass "
+        "model.backbone.config=<folder with the matching unet/ and vae/config.json>"
+    )
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches raise even when not strict
+        raise ValueError(f"{fix} ({str(error)[:300]}...)") from None
     if missing or unexpected:
-        raise ValueError(
-            f"weights in {file} do not match the architecture in {config} "
-            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...): pass "
-            "model.backbone.config=<folder with the matching unet/ and vae/config.json>"
-        )
+        raise ValueError(f"{fix} (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def widen_input(unet: UNet2DConditionModel) -> UNet2DConditionModel:

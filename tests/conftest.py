@@ -1,0 +1,80 @@
+"""Shared fixtures: the real config tree with tiny overrides, and a per-session model cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# Never wait on a login or a hub, whatever the caller's environment says.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A few steps on 64 px, one worker-less loader: what a user's smoke test would override.
+TINY = [
+    "trainer.max_steps=4",
+    "trainer.log_every_n_steps=1",
+    "trainer.num_sanity_val_steps=0",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.batches_per_epoch=2",
+    "data.val_samples=2",
+    "data.shuffle_buffer=8",
+    "model.sample_steps=2",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny models and demo shards, generated once per test session (like a user's cache)."""
+    path = Path(os.environ.get("PBE_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    os.environ["PBE_CACHE_DIR"] = str(path)
+    return path
+
+
+def compose_config(output_dir: Path, cache: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path, cache_dir: Path):
+    """``tiny_cfg(*overrides)`` -> the composed real config, tiny, writing under tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(tmp_path / "run", cache_dir, *overrides)
+
+    return make
+
+
+def run_train(
+    args: list[str], cwd: Path, cache: Path, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` as a user runs it, in a fresh process."""
+    env = dict(os.environ, PBE_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        print(result.stdout[-4000:], result.stderr[-8000:])
+    return result

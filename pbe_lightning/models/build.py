@@ -41,3 +41,24 @@ def build_model(cfg: DictConfig) -> PaintByExampleModule:
         model_config=OmegaConf.to_container(cfg, resolve=True),
         **options,
     )
+
+
+def load_trained(checkpoint_path: str, map_location: str = "cpu") -> PaintByExampleModule:
+    """A trained module from a Lightning checkpoint alone (export, edit, evaluate).
+
+    The checkpoint carries the resolved model config; frozen parts are rebuilt from the
+    weight files it names, trainable ones come from the checkpoint.
+    """
+    import torch
+
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+    config = checkpoint.get("pbe_model_config")
+    if config is None:
+        raise ValueError(
+            f"{checkpoint_path} has no 'pbe_model_config': it was not written by pbe-lightning's "
+            "train.py; for official Paint-by-Example weights use experiment=finetune model.init_from=..."
+        )
+    model = build_model(OmegaConf.create(config))
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()

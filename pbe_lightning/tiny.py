@@ -59,7 +59,10 @@ def _generate_once(folder: Path, write: Callable[[Path], None]) -> Path:
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
+    # Seeded generation must not move the caller's RNG: a run that generates the cache and
+    # one that finds it must train identically.
+    with torch.random.fork_rng():
+        write(tmp)
     (tmp / ".complete").touch()
     try:
         tmp.rename(folder)

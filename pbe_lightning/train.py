@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+import pbe_lightning.resolvers  # noqa: F401  (registers ${pbe.*} for the trainer configs)
 from pbe_lightning.models.build import build_model, instantiate
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import pbe_lightning.resolvers  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 

@@ -26,3 +26,18 @@ class BatchCounter(L.Callback):
             "batches": self.count,
         }
         (self.dirpath / f"batches_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class SignalAt(L.Callback):
+    """Sends this process ``signal`` when training reaches ``step`` (a test's preemption)."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        self.step = step
+        self.signal = signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+        import signal as signals
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signals, self.signal))

@@ -39,8 +39,11 @@ class DataHealth(L.Callback):
             )
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped.tolist(), "read": self.read}
+        # By reason name, so checkpoints survive new reasons being added.
+        return {"skipped": dict(zip(SKIP_REASONS, self.skipped.tolist())), "read": self.read}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skipped = torch.tensor(state["skipped"], dtype=torch.long)
+        saved = state["skipped"]
+        counts = [saved.get(reason, 0) for reason in SKIP_REASONS]
+        self.skipped = torch.tensor(counts, dtype=torch.long)
         self.read = state["read"]

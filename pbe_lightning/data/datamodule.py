@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pbe_lightning.data.crops import BoxFilter, CropSampler
 from pbe_lightning.data.demo import ensure_demo_dataset
 from pbe_lightning.data.masks import MaskGenerator
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
-from pbe_lightning.data.stream import EpochOfBatches, StreamPlace, TrainStream
+from pbe_lightning.data.stream import EpochOfBatches, StreamPlace, StreamPosition, TrainStream
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
@@ -136,6 +137,9 @@ class PaintByExampleDataModule(L.LightningDataModule):
         self.demo_dir = demo_dir
         self.pin_memory = pin_memory
         self._train_loader: EpochOfBatches | None = None
+        self._position = StreamPosition()  # where this rank's stream resumes
+        self._next_batch = 0
+        self._records = [0] * max(1, num_workers)
 
     def prepare_data(self) -> None:
         if self.demo_dir:
@@ -158,13 +162,14 @@ class PaintByExampleDataModule(L.LightningDataModule):
     def train_dataloader(self) -> EpochOfBatches:
         # Built once: the endless stream continues across epochs instead of restarting.
         if self._train_loader is None:
-            place = (
-                StreamPlace(self.trainer.global_rank, self.trainer.world_size)
-                if self._has_trainer()
-                else StreamPlace()
-            )
             stream = TrainStream(
-                self.train_urls, self.spec, self.batch_size, self.seed, self.shuffle_buffer, place
+                self.train_urls,
+                self.spec,
+                self.batch_size,
+                self.seed,
+                self.shuffle_buffer,
+                self._place(),
+                self._position,
             )
             loader = DataLoader(
                 stream,
@@ -173,20 +178,75 @@ class PaintByExampleDataModule(L.LightningDataModule):
                 persistent_workers=self.num_workers > 0,
                 pin_memory=self.pin_memory and torch.cuda.is_available(),
                 prefetch_factor=4 if self.num_workers > 0 else None,
+                generator=self._own_generator(),
             )
             self._train_loader = EpochOfBatches(loader, self.batches_per_epoch)
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
         preview = PreviewSet(self.val_urls, self.spec, self.masks, self.val_samples, self.seed)
-        return DataLoader(preview, batch_size=self.val_batch_size, shuffle=False)
+        return DataLoader(
+            preview, batch_size=self.val_batch_size, shuffle=False, generator=self._own_generator()
+        )
+
+    def _own_generator(self) -> torch.Generator:
+        # Creating a loader iterator draws a worker seed from the global torch RNG unless the
+        # loader has its own generator; a resumed run creates its iterators at different times,
+        # which would shift every later noise/augmentation draw. Our streams seed themselves.
+        return torch.Generator().manual_seed(self.seed)
 
     def _has_trainer(self) -> bool:
         return getattr(self, "trainer", None) is not None
 
+    def _place(self) -> StreamPlace:
+        if not self._has_trainer():
+            return StreamPlace()
+        return StreamPlace(self.trainer.global_rank, self.trainer.world_size)
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         training = self._has_trainer() and self.trainer.training
+        if training and "stream_index" in batch:
+            self._note_consumed(int(batch["stream_index"]), int(batch["stream_records"]))
         return device_transform(batch, self.masks, self.augment, training)
+
+    def _note_consumed(self, index: int, records: int) -> None:
+        self._next_batch = index + 1
+        self._records[index % len(self._records)] = records
+
+    # Lightning saves these in every checkpoint: the data stream resumes where it stopped.
+    def state_dict(self) -> dict:
+        records = torch.tensor(self._records)
+        if self._has_trainer() and self.trainer.world_size > 1:
+            records = self.trainer.strategy.all_gather(records)  # (world, workers)
+        else:
+            records = records[None]
+        return {
+            "next_batch": self._next_batch,
+            "records": records.tolist(),
+            "world_size": len(records),
+            "num_workers": self.num_workers,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        rank, world_size = self._place().rank, self._place().world_size
+        same_topology = (
+            state["world_size"] == world_size and state["num_workers"] == self.num_workers
+        )
+        if not same_topology:
+            warnings.warn(
+                f"resuming with {world_size} ranks x {self.num_workers} workers, saved with "
+                f"{state['world_size']} x {state['num_workers']}: the data stream continues "
+                "with fresh samples but cannot replay the exact ones; keep trainer.devices, "
+                "trainer.num_nodes and data.num_workers for an exact resume",
+                stacklevel=2,
+            )
+            # A new seed, or the restarted streams would replay the run's first samples.
+            self.seed = self.seed * 1_000_003 + state["next_batch"]
+            self._position = StreamPosition(state["next_batch"], ())
+        else:
+            self._position = StreamPosition(state["next_batch"], tuple(state["records"][rank]))
+        self._next_batch = self._position.next_batch
+        self._records = list(self._position.records) or [0] * max(1, self.num_workers)
 
 
 def device_transform(batch: dict, masks: MaskGenerator, augment: Augment, training: bool) -> dict:

@@ -6,6 +6,10 @@ reference augmentation are batched on the accelerator later (``device_transform`
 
 Box convention: boxes are absolute pixels ``[x0, y0, x1, y1]`` of the image **as displayed**,
 i.e. after its EXIF orientation is applied. Converters in ``data/make_shards.py`` write them so.
+
+Records are untrusted: every way a record can be broken ends in ``SkipSample(reason)`` (counted
+by the stream), never in another exception that would kill a loader worker. Only the image and
+json members are read; other members (``.pyd``, ``.pickle``, ``.pth``, ...) are never decoded.
 """
 
 from __future__ import annotations
@@ -19,25 +23,43 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from pbe_lightning.data.crops import BoxFilter, CropGeometry, CropSampler, choose_box, is_finite_box
+from pbe_lightning.data.crops import Box, BoxFilter, CropGeometry, CropSampler, choose_box
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# PIL sniffs the content, so a ".jpg" member may hold any format PIL knows. Only these parsers
+# may run on untrusted bytes (others have a long CVE history, and EPS shells out to Ghostscript).
+# A JPEG factory also opens multi-picture JPEGs (MPO) from phones.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that displays the stored pixels (as ImageOps.exif_transpose).
+DISPLAY_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # Orientations 5-8 rotate by 90 degrees: the displayed width is the stored height.
 TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+# Transparent pixels hold arbitrary colours; show them as a viewer on a white page would.
+ALPHA_BACKGROUND = (255, 255, 255, 255)
 
 # Every reason a record can be skipped; each is counted and logged as data/skipped_<reason>.
+# New reasons go at the end: the stream's and DataHealth's count tensors are indexed by position.
 SKIP_REASONS = (
-    "corrupt_shard",
-    "missing_image",
-    "missing_json",
-    "bad_image",
-    "bad_json",
-    "no_valid_box",
-    "too_small",
-    "too_large",
+    "corrupt_shard",  # the tar is unreadable or cut short (counted by the stream, not here)
+    "missing_image",  # no .jpg/.jpeg/.png/.webp member
+    "missing_json",  # no .json member
+    "bad_image",  # empty, undecodable, truncated, or not a JPEG/PNG/WebP inside
+    "bad_json",  # not JSON, or not a JSON object
+    "no_valid_box",  # real boxes (or none at all), but none passes the area/fit filter
+    "too_small",  # the short side needs more than max_upscale to reach the crop resolution
+    "too_large",  # the header declares more pixels than max_pixels (decompression bomb)
+    "bad_boxes",  # 'boxes' absent or not a list of 4-number lists, or no box is in the image
 )
 
 
@@ -62,85 +84,162 @@ class SampleSpec:
     max_pixels: int = 8192 * 8192  # decompression-bomb guard, checked before decoding
 
 
-def parse_boxes(raw: bytes | None) -> list[tuple[float, float, float, float]]:
+def parse_json(raw: bytes | None) -> dict:
     if raw is None:
         raise SkipSample("missing_json")
     try:
         meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise SkipSample("bad_json", str(error)) from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("boxes"), list):
-        raise SkipSample("bad_json", "expected an object with a 'boxes' list")
-    return [tuple(float(v) for v in b) for b in meta["boxes"] if is_finite_box(b)]
+    except (ValueError, RecursionError) as error:
+        # ValueError covers bad syntax and bad UTF-8; RecursionError, deeply nested arrays.
+        raise SkipSample("bad_json", str(error)[:200]) from None
+    if not isinstance(meta, dict):
+        raise SkipSample("bad_json", f"expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def parse_boxes(raw: bytes | None) -> list[Box]:
+    """The record's boxes as floats; their geometry is checked against the image later."""
+    boxes = parse_json(raw).get("boxes")
+    if not isinstance(boxes, list) or not all(_is_four_numbers(b) for b in boxes):
+        raise SkipSample("bad_boxes", "'boxes' must be a list of [x0, y0, x1, y1] number lists")
+    return [tuple(_to_float(v) for v in box) for box in boxes]
+
+
+def _is_four_numbers(box: object) -> bool:
+    number = (int, float)
+    return (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, number) and not isinstance(v, bool) for v in box)
+    )
+
+
+def _to_float(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond float range: as unusable as infinity
+        return math.inf
+
+
+def usable_boxes(boxes: list[Box], width: int, height: int) -> list[Box]:
+    """Boxes clipped to the image; those that are not a region of it are dropped.
+
+    Reversed boxes (x1 < x0) are dropped, not reordered: they usually mean a converter wrote
+    another layout (``[x, y, w, h]``, or y before x), and reordering would point at the wrong
+    region (clipping keeps them reversed). Non-finite, empty and wholly-outside boxes go too.
+    """
+    kept = []
+    for x0, y0, x1, y1 in boxes:
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            continue
+        clipped = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+        if clipped[2] > clipped[0] and clipped[3] > clipped[1]:
+            kept.append(clipped)
+    return kept
 
 
 def open_image(raw: bytes | None, spec: SampleSpec) -> Image.Image:
+    """Parse the header only; the pixel count is checked before anything is decoded."""
+    if raw is None:
+        raise SkipSample("missing_image")
     if not raw:
-        raise SkipSample("missing_image" if raw is None else "bad_image", "empty image")
+        raise SkipSample("bad_image", "empty image file")
     try:
         with warnings.catch_warnings():
+            # max_pixels below is the bomb guard. PIL also warns about corrupt metadata, which
+            # it then ignores as viewers do: one warning per record would flood worker logs.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise SkipSample("bad_image", str(error)) from None
+            warnings.simplefilter("ignore", UserWarning)
+            image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as error:
+        # PIL refuses a header past twice its own limit before we can look at it.
+        raise SkipSample("too_large", str(error)) from None
+    except UnidentifiedImageError:
+        raise SkipSample("bad_image", "not a readable JPEG, PNG or WebP file") from None
+    except Exception as error:
+        # Parsers of untrusted bytes raise many types (OSError, SyntaxError, struct.error, ...).
+        raise SkipSample("bad_image", f"{type(error).__name__}: {error}") from None
     if image.width * image.height > spec.max_pixels:
         raise SkipSample("too_large", f"{image.width}x{image.height} pixels")
     return image
 
 
-def displayed_size(image: Image.Image) -> tuple[int, int]:
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    if orientation in TRANSPOSED_ORIENTATIONS:
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8), read as ``data/make_shards.py`` reads it (``getexif``)."""
+    try:
+        with warnings.catch_warnings():
+            # PIL reads corrupt EXIF as empty and warns once per record: noise in every worker.
+            warnings.simplefilter("ignore", UserWarning)
+            value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception as error:
+        # For a PNG, getexif decodes the pixels to find a trailing eXIf chunk: a broken file
+        # fails here. Elsewhere the boxes' frame would be unknown; skip either way.
+        raise SkipSample(
+            "bad_image", f"reading metadata: {type(error).__name__}: {error}"
+        ) from None
+    # Out-of-range values display as stored, as in ImageOps.exif_transpose and the converter.
+    return value if isinstance(value, int) and value in DISPLAY_TRANSPOSE else 1
+
+
+def displayed_size(image: Image.Image, turn: int) -> tuple[int, int]:
+    if turn in TRANSPOSED_ORIENTATIONS:
         return image.height, image.width
     return image.width, image.height
 
 
-def decode_rgb(image: Image.Image, scale_needed: float) -> tuple[Image.Image, float]:
+def decode_rgb(image: Image.Image, scale_needed: float, turn: int) -> tuple[Image.Image, float]:
     """Decode as displayed RGB; a JPEG at the smallest DCT scale still >= ``scale_needed``.
 
     Returns the image and the factor from full-size displayed pixels to its pixels, so a
-    crop downscaled 4x from a 4000 px photo decodes about 16x fewer pixels.
+    crop downscaled 4x from a 4000 px photo decodes about 16x fewer pixels. A truncated file
+    is skipped, not decoded partially (LOAD_TRUNCATED_IMAGES stays off): the missing part
+    would be flat grey, possibly under the box.
     """
-    full_width, _ = displayed_size(image)
-    if image.format == "JPEG" and scale_needed < 1:
-        target = (math.ceil(image.width * scale_needed), math.ceil(image.height * scale_needed))
-        image.draft("RGB", target)
+    full_width, _ = displayed_size(image, turn)
     try:
+        if isinstance(image, JpegImagePlugin.JpegImageFile) and scale_needed < 1:
+            target = (math.ceil(image.width * scale_needed), math.ceil(image.height * scale_needed))
+            image.draft("RGB", target)
         image.load()
-        image = to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise SkipSample("bad_image", str(error)) from None
-    return image, image.width / full_width
+        rgb = to_rgb(image)
+    except Exception as error:
+        raise SkipSample("bad_image", f"{type(error).__name__}: {error}") from None
+    if turn in DISPLAY_TRANSPOSE:
+        rgb = rgb.transpose(DISPLAY_TRANSPOSE[turn])
+    return rgb, rgb.width / full_width
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: keep the top 8 bits instead of letting PIL clip to white.
-        array = np.asarray(image, dtype=np.uint32) >> 8
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
+        array = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, ALPHA_BACKGROUND)
+        image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
 
 
-def scaled(box: tuple[float, float, float, float], factor: float) -> tuple[float, ...]:
+def scaled(box: Box, factor: float) -> tuple[float, ...]:
     return tuple(v * factor for v in box)
 
 
 def make_sample(record: dict, spec: SampleSpec, rng: random.Random) -> dict:
     """Shard record -> ``image`` (3,R,R) and ``reference`` (3,S,S) uint8, boxes in the crop.
 
-    Raises SkipSample with the reason when the record cannot be used.
+    Raises SkipSample with the first reason found, cheapest checks first: json, image header,
+    size, boxes against the image, then decoding.
     """
     image_key = next((k for k in IMAGE_KEYS if k in record), None)
     boxes = parse_boxes(record.get("json"))
     image = open_image(record.get(image_key) if image_key else None, spec)
-    width, height = displayed_size(image)
+    turn = orientation(image)
+    width, height = displayed_size(image, turn)
     if min(width, height) * spec.max_upscale < spec.resolution:
         raise SkipSample("too_small", f"{width}x{height} px for {spec.resolution} px crops")
-    box = choose_box(boxes, width, height, spec.box_filter, rng)
-    if box is None:
-        raise SkipSample("no_valid_box", f"none of {len(boxes)} boxes passes the filter")
+    box = _choose(boxes, width, height, spec, rng)
     geometry = spec.crop_sampler(box, width, height, rng)
-    image, factor = decode_rgb(image, _scale_needed(geometry, spec))
+    image, factor = decode_rgb(image, _scale_needed(geometry, spec), turn)
     return {
         "image": _crop_resize(image, scaled(geometry.crop, factor), spec.resolution),
         "reference": _crop_resize(
@@ -151,6 +250,17 @@ def make_sample(record: dict, spec: SampleSpec, rng: random.Random) -> dict:
     }
 
 
+def _choose(boxes: list[Box], width: int, height: int, spec: SampleSpec, rng: random.Random) -> Box:
+    real = usable_boxes(boxes, width, height)
+    if boxes and not real:
+        # Every box is broken (NaN, reversed, empty, outside): an annotation bug, not filtering.
+        raise SkipSample("bad_boxes", f"none of {len(boxes)} boxes is a region of {width}x{height}")
+    box = choose_box(real, width, height, spec.box_filter, rng)
+    if box is None:
+        raise SkipSample("no_valid_box", f"none of {len(real)} boxes passes the filter")
+    return box
+
+
 def _scale_needed(geometry: CropGeometry, spec: SampleSpec) -> float:
     crop_side = geometry.crop[2] - geometry.crop[0]
     rx0, ry0, rx1, ry1 = geometry.reference_box
@@ -159,5 +269,8 @@ def _scale_needed(geometry: CropGeometry, spec: SampleSpec) -> float:
 
 
 def _crop_resize(image: Image.Image, box: tuple[float, ...], size: int) -> torch.Tensor:
+    # Float rounding in the draft factor can put an edge a hair past the image; PIL refuses it.
+    x0, y0, x1, y1 = box
+    box = (max(x0, 0.0), max(y0, 0.0), min(x1, image.width), min(y1, image.height))
     region = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
     return torch.from_numpy(np.asarray(region).copy()).permute(2, 0, 1)

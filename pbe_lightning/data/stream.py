@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,19 @@ class StreamPlace:
     world_size: int = 1
 
 
+@dataclass(frozen=True)
+class StreamPosition:
+    """How far this rank's stream has been consumed: resume replays exactly from here.
+
+    ``next_batch`` counts batches handed to training; ``records[l]`` counts raw records that
+    worker stream ``l`` has read. Batches come from workers round-robin, so batch ``i`` is
+    always worker stream ``i % workers``'s, which lets a resumed loader rotate its workers.
+    """
+
+    next_batch: int = 0
+    records: tuple[int, ...] = ()
+
+
 class TrainStream(IterableDataset):
     """Yields collated batches (batching in the worker keeps per-sample IPC off the hot path)."""
 
@@ -40,6 +53,7 @@ class TrainStream(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 256,
         place: StreamPlace = StreamPlace(),
+        position: StreamPosition = StreamPosition(),
     ) -> None:
         self.urls = urls
         self.spec = spec
@@ -47,28 +61,37 @@ class TrainStream(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.place = place
+        self.position = position
         # An endless stream of unusable records would otherwise hang training silently.
         self.give_up_after = max(1000, 50 * batch_size)
 
-    def stream_id(self) -> tuple[int, int]:
+    def worker_stream(self) -> tuple[int, int]:
+        """(logical worker stream, workers). Rotated on resume so the round-robin order of
+        the DataLoader hands out batch ``next_batch`` first, as the original run would have."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.place.rank * workers + worker, self.place.world_size * workers
+        return (worker + self.position.next_batch) % workers, workers
 
     def __iter__(self) -> Iterator[dict]:
-        stream, _ = self.stream_id()
+        logical, workers = self.worker_stream()
+        stream = self.place.rank * workers + logical
         rng = random.Random(f"shards:{self.seed}:{stream}")
+        done = self.position.records[logical] if self.position.records else 0
+        batch_number = (self.position.next_batch - logical + workers - 1) // workers
         skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         read = 0
         batch: list[dict] = []
         warned: set[str] = set()
         for index, record in enumerate(self.records(rng, skipped)):
+            if index < done:  # already trained on: replay shard picks and shuffle, skip decoding
+                skipped.zero_()  # corrupt shards met while replaying were counted before
+                continue
             read += 1
             if read > self.give_up_after:
                 raise RuntimeError(
                     f"{read} records in a row from {self.urls[:3]}... gave no usable sample "
                     f"(skips by reason: {dict(zip(SKIP_REASONS, skipped.tolist()))}): the data "
-                    "is broken; inspect it with `python -m pbe_lightning.data.inspect SHARDS`"
+                    "is broken; inspect a few records and the first skip warning of each reason"
                 )
             try:
                 sample_rng = random.Random(f"sample:{self.seed}:{stream}:{index}")
@@ -79,25 +102,52 @@ class TrainStream(IterableDataset):
                 continue
             if len(batch) == self.batch_size:
                 out = default_collate(batch)
-                out["skipped"], out["records_read"] = skipped, torch.tensor(read)
+                # A copy: records() keeps counting corrupt shards into this same tensor.
+                out["skipped"], out["records_read"] = skipped.clone(), torch.tensor(read)
+                out["stream_index"] = torch.tensor(batch_number * workers + logical)
+                out["stream_records"] = torch.tensor(index + 1)
                 yield out
+                batch_number += 1
                 batch, read = [], 0
-                skipped = torch.zeros_like(skipped)
+                skipped.zero_()
 
     def records(self, rng: random.Random, skipped: torch.Tensor) -> Iterator[dict]:
-        def count_corrupt(error: Exception) -> bool:
-            skipped[SKIP_REASONS.index("corrupt_shard")] += 1
-            if skipped[SKIP_REASONS.index("corrupt_shard")] > self.give_up_after:
-                raise RuntimeError(f"every shard read lately is corrupt or unreadable: {error}")
-            warnings.warn(f"skipping the rest of a corrupt shard: {error}", stacklevel=2)
-            return True
+        """Endless raw records: shards drawn with replacement, then buffer-shuffled."""
+        corrupt = SKIP_REASONS.index("corrupt_shard")
 
-        def shard_urls() -> Iterator[dict]:
+        def shard_records() -> Iterator[dict]:
+            unreadable_in_a_row = 0
             while True:
-                yield {"url": rng.choice(self.urls)}
+                url = rng.choice(self.urls)
+                errors: list[Exception] = []
+                records_read = 0
+                # One pipeline per shard: a record cut short by a broken shard ends with its
+                # shard instead of merging into the next shard's first record (same key).
+                for record in wds.tarfile_samples([{"url": url}], handler=_collect_into(errors)):
+                    records_read += 1
+                    yield record
+                if errors:
+                    # webdataset may report one cut shard twice (the member, then the archive).
+                    skipped[corrupt] += 1
+                    warnings.warn(
+                        f"skipped the rest of corrupt shard {url}: {errors[0]}", stacklevel=2
+                    )
+                unreadable_in_a_row = unreadable_in_a_row + 1 if errors and not records_read else 0
+                if unreadable_in_a_row > self.give_up_after:
+                    raise RuntimeError(
+                        f"the last {unreadable_in_a_row} shards read were all corrupt or "
+                        f"unreadable, e.g. {url}: {errors[0]}"
+                    )
 
-        records = wds.tarfile_to_samples(handler=count_corrupt)(shard_urls())
-        return shuffled(records, self.shuffle_buffer, rng)
+        return shuffled(shard_records(), self.shuffle_buffer, rng)
+
+
+def _collect_into(errors: list[Exception]) -> Callable[[Exception], bool]:
+    def keep_going(error: Exception) -> bool:
+        errors.append(error)
+        return True
+
+    return keep_going
 
 
 def shuffled(items: Iterable[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:

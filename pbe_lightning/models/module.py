@@ -35,6 +35,8 @@ class PaintByExampleModule(L.LightningModule):
         sampler: str = "ddim",
         sample_steps: int = 50,
         guidance_scale: float = 5.0,
+        max_nonfinite_steps: int = 10,
+        compile_unet: bool = False,
         model_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -55,10 +57,16 @@ class PaintByExampleModule(L.LightningModule):
         self.sampler_name = sampler
         self.sample_steps = sample_steps
         self.guidance_scale = guidance_scale
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
         # Kept so a checkpoint alone can rebuild the model (export, edit, evaluate).
         self.model_config = model_config
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if compile_unet:
+            # Compiles the forward only; parameters and state-dict keys stay those of the UNet.
+            self.unet.compile()
         # Lightning keeps the train/eval modes modules arrive in, and diffusers loads in eval.
         self.train()
 
@@ -111,12 +119,36 @@ class PaintByExampleModule(L.LightningModule):
         prediction = self.unet(unet_input, t, encoder_hidden_states=context).sample
         return F.mse_loss(prediction.float(), noise.float())
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         batch_size = batch["image"].shape[0]
         loss = self.diffusion_loss(batch, self.draw_dropout(batch_size))
+        if not self.all_ranks_finite(loss):
+            return self.skip_nonfinite_step(loss)
+        self.nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
+
+    def all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        # Every rank must skip together: a lone skip leaves DDP waiting for its gradients.
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is None:
+            return finite
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+    def skip_nonfinite_step(self, loss: torch.Tensor) -> None:
+        """Returning None makes Lightning skip backward and the optimiser step."""
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"the loss was non-finite ({loss.item()}) for {self.nonfinite_in_a_row} steps in a "
+                f"row (model.max_nonfinite_steps={self.max_nonfinite_steps}): training diverged; "
+                "lower model.optimizer.lr, set trainer.gradient_clip_val, or resume from an "
+                "earlier checkpoint"
+            )
+        return None
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise per batch: val/loss then moves only when the model does.

@@ -6,6 +6,8 @@ Mirrors diffusers' ``PaintByExamplePipeline`` step for step (same latent draw, s
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -32,6 +34,16 @@ def make_sampler(name: str, training_scheduler: SchedulerMixin) -> SchedulerMixi
         raise ValueError(f"sampler {name!r} is unknown: use one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
     return cls.from_config(training_scheduler.config, **extra)
+
+
+def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None, eta: float) -> dict:
+    """What ``PaintByExamplePipeline.prepare_extra_step_kwargs`` passes: only what ``step`` takes.
+
+    PNDM's ``step`` takes neither ``eta`` nor ``generator``; DPM-Solver takes no ``eta``.
+    """
+    accepted = inspect.signature(scheduler.step).parameters
+    extra = {"eta": eta, "generator": generator}
+    return {name: value for name, value in extra.items() if name in accepted}
 
 
 def encode_latents(
@@ -74,7 +86,7 @@ def paint(
         context = torch.cat([uncond, context])
         mask_latent = torch.cat([mask_latent] * 2)
         masked_latents = torch.cat([masked_latents] * 2)
-    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    extra = step_kwargs(scheduler, generator, eta)
     for t in scheduler.timesteps:
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
@@ -83,5 +95,5 @@ def paint(
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        latents = scheduler.step(eps, t, latents, generator=generator, **extra).prev_sample
+        latents = scheduler.step(eps, t, latents, **extra).prev_sample
     return decode_latents(vae, latents)

@@ -1,0 +1,378 @@
+"""COCOEE metrics on CLIP image features: FID, QS (GIQA-style quality score), region CLIP score.
+
+All use CLIP's standard image embedding (projected, L2-normalised) from an open_clip model with
+LOCAL weights. The paper's ViT-B/32 with OpenAI weights is ``arch="ViT-B-32-quickgelu"`` plus
+the checkpoint file: plain ``ViT-B-32`` loads it silently with the wrong activation.
+
+QS = mean over images of the percentile of an image's mixture log-likelihood among held-out real
+images' log-likelihoods, x 100: real-like sets score ~50, off-distribution ones towards 0. The
+scale is ours: do not compare it with the paper's QS numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pbe_lightning.models.encoder import load_clip_vision
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end exclusive
+
+
+class ClipFeatures(nn.Module):
+    """``(B, 3, H, W)`` images (float in [0, 1] or uint8) -> unit-norm CLIP image embeddings."""
+
+    def __init__(
+        self, visual: nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        super().__init__()
+        self.visual = visual.requires_grad_(False).eval()
+        self.image_size = image_size
+        # torchmetrics' FID reads this instead of probing the module with a dummy image.
+        self.num_features = int(visual.output_dim)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def load(cls, arch: str, checkpoint: str | None = None) -> ClipFeatures:
+        """``arch`` + local ``checkpoint`` file, or ``local-dir:/folder``; hub tags are refused."""
+        visual, preprocess = load_clip_vision(arch, checkpoint)
+        size = visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        return cls(visual, size, preprocess["mean"], preprocess["std"])
+
+    def train(self, mode: bool = True) -> ClipFeatures:
+        super().train(mode)
+        self.visual.eval()  # a metric must not depend on dropout or the caller's mode
+        return self
+
+    def resize(self, images: torch.Tensor, mode: str = "crop") -> torch.Tensor:
+        """To ``image_size`` square, float in [0, 1]: ``crop`` = CLIP's own preprocessing
+        (shorter side to size, centre crop), ``squash`` = both sides to size."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        images = images.to(self.mean.device, torch.float32)
+        size, (height, width) = self.image_size, images.shape[-2:]
+        if mode == "squash":
+            target = (size, size)
+        else:
+            scale = size / min(height, width)
+            target = (max(size, round(height * scale)), max(size, round(width * scale)))
+        if (height, width) != target:
+            images = F.interpolate(images, target, mode="bicubic", antialias=True)
+            images = images.clamp(0, 1)  # bicubic overshoots; PIL-based CLIP preprocessing clips
+        top, left = (target[0] - size) // 2, (target[1] - size) // 2
+        return images[..., top : top + size, left : left + size]
+
+    @torch.no_grad()
+    def embed(self, resized: torch.Tensor) -> torch.Tensor:
+        """Already resized ``(B, 3, S, S)`` images in [0, 1] -> ``(B, D)`` unit vectors."""
+        return F.normalize(self.visual((resized - self.mean) / self.std).float(), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.resize(images))
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return files
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file -> ``(1, 3, H, W)`` float in [0, 1]."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def folder_features(folder: str | Path, clip: ClipFeatures, batch_size: int = 32) -> torch.Tensor:
+    """CLIP features ``(N, D)`` of every image in ``folder``, in sorted file order."""
+    files, chunks = image_files(folder), []
+    for start in range(0, len(files), batch_size):
+        # Resized one by one: images in a folder rarely share one size.
+        batch = [clip.resize(load_image(f)) for f in files[start : start + batch_size]]
+        chunks.append(clip.embed(torch.cat(batch)).cpu())
+    return torch.cat(chunks)
+
+
+# --- FID -----------------------------------------------------------------------------------
+
+
+def clip_fid(
+    real_features: torch.Tensor | np.ndarray, fake_features: torch.Tensor | np.ndarray
+) -> float:
+    """Frechet distance between Gaussians fitted to two ``(N, D)`` feature sets:
+    ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2)``, unbiased covariances like torchmetrics."""
+    real, fake = (torch.as_tensor(f).double().cpu() for f in (real_features, fake_features))
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    s1, s2 = torch.cov(real.T).reshape(len(mu1), -1), torch.cov(fake.T).reshape(len(mu2), -1)
+    # tr (S1 S2)^1/2 = tr (S1^1/2 S2 S1^1/2)^1/2: a symmetric PSD matrix, so eigh is stable
+    # where eigvals of the non-symmetric product can return spurious complex parts.
+    values, vectors = torch.linalg.eigh(s1)
+    root1 = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    middle = root1 @ s2 @ root1
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_root)
+
+
+def clip_fid_metric(clip: ClipFeatures, **kwargs: object) -> nn.Module:
+    """torchmetrics' FID with CLIP features; ``update(images, real=...)`` takes float [0, 1]."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    # normalize=True: images reach ``clip`` as floats in [0, 1], untouched.
+    return FrechetInceptionDistance(feature=clip, normalize=True, **kwargs)
+
+
+# --- QS: a Gaussian mixture fitted by EM -----------------------------------------------------
+
+
+@dataclass
+class GaussianMixture:
+    """Mixture parameters plus the held-out real log-likelihoods QS is measured against.
+
+    ``covariances`` is ``(K, D)`` (diagonal) or ``(K, D, D)`` (full)."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    reference: np.ndarray  # sorted log-likelihoods of held-out real images
+    history: np.ndarray  # mean log-likelihood of the fit set after each EM step
+    clip: str = ""
+
+    def log_likelihood(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        x = _float64(features)
+        params = (self.weights, self.means, self.covariances)
+        joint = _component_log_prob(x, *(torch.from_numpy(a) for a in params))
+        return torch.logsumexp(joint, dim=1).numpy()
+
+
+def _float64(features: torch.Tensor | np.ndarray | Image.Image) -> torch.Tensor:
+    if isinstance(features, torch.Tensor):
+        return features.detach().cpu().double()
+    return torch.from_numpy(np.array(features, dtype=np.float64))
+
+
+def _component_log_prob(
+    x: torch.Tensor, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor
+) -> torch.Tensor:
+    """``log w_k + log N(x_n | mu_k, S_k)`` as ``(N, K)``; one component at a time to bound memory."""
+    columns = []
+    for mean, cov in zip(means, covs):
+        diff = x - mean
+        if cov.dim() == 1:
+            maha, logdet = (diff.square() / cov).sum(1), cov.log().sum()
+        else:
+            chol = torch.linalg.cholesky(cov)
+            maha = torch.linalg.solve_triangular(chol, diff.T, upper=False).square().sum(0)
+            logdet = 2 * chol.diagonal().log().sum()
+        columns.append(-0.5 * (x.shape[1] * math.log(2 * math.pi) + logdet + maha))
+    return torch.stack(columns, 1) + weights.clamp(min=1e-300).log()
+
+
+def _kmeans_init(
+    x: torch.Tensor, k: int, generator: torch.Generator, steps: int = 10
+) -> torch.Tensor:
+    """k-means++ seeding and a few Lloyd steps: EM from random points often merges clusters."""
+    centres = x[torch.randint(len(x), (1,), generator=generator)]
+    for _ in range(k - 1):
+        distance = torch.cdist(x, centres).min(1).values.square()
+        pick = torch.multinomial(distance + 1e-12, 1, generator=generator)
+        centres = torch.cat([centres, x[pick]])
+    for _ in range(steps):
+        labels = torch.cdist(x, centres).argmin(1)
+        for j in range(k):
+            if (labels == j).any():  # an empty cluster keeps its seed point
+                centres[j] = x[labels == j].mean(0)
+    return F.one_hot(torch.cdist(x, centres).argmin(1), k).double()
+
+
+def _m_step(
+    x: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    counts = resp.sum(0) + 1e-10
+    means = resp.T @ x / counts[:, None]
+    covs = []
+    for j in range(len(means)):
+        weighted = resp[:, j, None] * (x - means[j])
+        if covariance == "diag":
+            covs.append((weighted * (x - means[j])).sum(0) / counts[j] + reg)
+        else:
+            covs.append(weighted.T @ (x - means[j]) / counts[j] + reg * torch.eye(x.shape[1]))
+    return counts / len(x), means, torch.stack(covs)
+
+
+def fit_gmm(
+    features: torch.Tensor | np.ndarray,
+    k: int = 20,
+    seed: int = 0,
+    covariance: str = "full",
+    reg_covar: float = 0.1,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+) -> GaussianMixture:
+    """EM for a ``k``-component mixture; ``reference`` is left empty (see fit_quality_model).
+
+    Full covariances: CLIP features are strongly correlated and off-distribution images show
+    in those correlations (tiny model: noise scored QS ~7 full, 20-38 diagonal). A component
+    owns fewer points than dimensions (k=20, a few thousand 512-d features), so its covariance
+    is singular: ``reg_covar`` x the mean per-dimension variance is added to the diagonal
+    (scale-free shrinkage; at 1e-3 EM froze on its k-means start there, at 0.1 it did not).
+    As with scikit-learn's ``reg_covar``, that M step is inexact: the likelihood can dip a bit.
+    """
+    if covariance not in ("diag", "full"):
+        raise ValueError(f"covariance={covariance!r}: use 'diag' or 'full'")
+    x = _float64(features)
+    if len(x) < k:
+        raise ValueError(f"{len(x)} samples cannot fit a {k}-component mixture")
+    reg = reg_covar * float(x.var(0).mean())
+    params = _m_step(x, _kmeans_init(x, k, torch.Generator().manual_seed(seed)), covariance, reg)
+    history: list[float] = []
+    for _ in range(max_iter):
+        joint = _component_log_prob(x, *params)
+        total = torch.logsumexp(joint, dim=1, keepdim=True)
+        history.append(float(total.mean()))
+        if len(history) > 1 and abs(history[-1] - history[-2]) < tol * abs(history[-2]) + 1e-12:
+            break
+        params = _m_step(x, (joint - total).exp(), covariance, reg)
+    arrays = [p.numpy() for p in params]
+    return GaussianMixture(*arrays, reference=np.zeros(0), history=np.array(history))
+
+
+def fit_quality_model(
+    features: torch.Tensor | np.ndarray,
+    k: int = 20,
+    seed: int = 0,
+    holdout: float = 0.2,
+    **gmm_options: object,
+) -> GaussianMixture:
+    """Fit on a random ``1 - holdout`` of the real features; keep the held-out log-likelihoods.
+
+    Held out because the fit set's own likelihoods are optimistic (EM fitted them): real
+    images the mixture has not seen are the fair yardstick for generated ones.
+    """
+    x = _float64(features).numpy()
+    order = np.random.default_rng(seed).permutation(len(x))
+    held = int(round(holdout * len(x)))
+    # holdout=0 falls back to the fit set itself (optimistic, but usable on tiny sets).
+    fit_rows, held_rows = order[held:], order[:held] if held else order
+    model = fit_gmm(x[fit_rows], k, seed, **gmm_options)  # type: ignore[arg-type]
+    model.reference = np.sort(model.log_likelihood(x[held_rows]))
+    return model
+
+
+def quality_score(features: torch.Tensor | np.ndarray, model: GaussianMixture) -> float:
+    """Mean percentile (mid-rank, 0-100) of each image's log-likelihood among the reference's."""
+    scores = model.log_likelihood(features)
+    below = np.searchsorted(model.reference, scores, side="left")
+    not_above = np.searchsorted(model.reference, scores, side="right")
+    return float(np.mean((below + not_above) / 2 / len(model.reference)) * 100)
+
+
+def save_quality_model(model: GaussianMixture, path: str | Path) -> None:
+    arrays = {name: getattr(model, name) for name in ("weights", "means", "covariances")}
+    meta = json.dumps({"clip": model.clip, "version": 1})
+    np.savez(path, **arrays, reference=model.reference, history=model.history, meta=meta)
+
+
+def load_quality_model(path: str | Path) -> GaussianMixture:
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        names = ("weights", "means", "covariances", "reference", "history")
+        return GaussianMixture(*(data[n] for n in names), clip=meta["clip"])
+
+
+# --- region CLIP score ---------------------------------------------------------------------
+
+
+def mask_bounding_box(mask: torch.Tensor | np.ndarray | Image.Image) -> Box:
+    """Box of a user-convention mask (white = edit), end exclusive.
+
+    ``(H, W)`` or channel-first ``(C, H, W)``, floats in [0, 1] or 0-255, or a PIL image."""
+    if isinstance(mask, Image.Image):
+        mask = mask.convert("L")
+    values = _float64(mask).numpy()
+    if values.max() > 1:
+        values = values / 255
+    edit = values.reshape(-1, *values.shape[-2:]).max(0) > 0.5  # any channel
+    rows, cols = np.flatnonzero(edit.any(1)), np.flatnonzero(edit.any(0))
+    if not len(rows):
+        raise ValueError("the mask has no white (edit) pixel")
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def region_clip_score(
+    generated: torch.Tensor | Sequence[torch.Tensor],
+    mask_boxes: Sequence[Box],
+    references: torch.Tensor | Sequence[torch.Tensor],
+    clip: ClipFeatures,
+) -> float:
+    """Mean 100 x cosine(CLIP(generated cropped to its box), CLIP(reference)).
+
+    Both sides are squashed to CLIP's input size, as Paint by Example feeds its reference,
+    so a region identical to its reference scores 100 whatever its aspect ratio.
+    """
+    regions, refs = [], []
+    for image, (x0, y0, x1, y1), ref in zip(generated, mask_boxes, references, strict=True):
+        regions.append(clip.resize(image[None, :, y0:y1, x0:x1], "squash"))
+        refs.append(clip.resize(ref[None], "squash"))
+    similarity = (clip.embed(torch.cat(regions)) * clip.embed(torch.cat(refs))).sum(1)
+    return float(similarity.mean() * 100)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def fit_qs_command(args: argparse.Namespace) -> None:
+    clip = ClipFeatures.load(args.clip, args.checkpoint).to(args.device)
+    features = folder_features(args.real, clip, args.batch_size)
+    model = fit_quality_model(features, args.k, args.seed, args.holdout, covariance=args.covariance)
+    model.clip = args.clip
+    save_quality_model(model, args.out)
+    print(f"fitted k={args.k} on {len(features)} images ({model.reference.size} held out)")
+
+
+def qs_command(args: argparse.Namespace) -> None:
+    model = load_quality_model(args.model)
+    if model.clip and model.clip != args.clip:  # other features: the score would be meaningless
+        raise SystemExit(f"{args.model} was fitted with --clip {model.clip}, not {args.clip}")
+    clip = ClipFeatures.load(args.clip, args.checkpoint).to(args.device)
+    print(f"QS {quality_score(folder_features(args.images, clip), model):.2f}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pbe_lightning.metrics")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("fit-qs", help="fit the QS mixture on a folder of real images")
+    fit.add_argument("--real", required=True, help="folder of real images")
+    fit.add_argument("--out", required=True, help="where to write the .npz")
+    fit.add_argument("--k", type=int, default=20)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--holdout", type=float, default=0.2)
+    fit.add_argument("--covariance", choices=("diag", "full"), default="full")
+    fit.add_argument("--batch-size", type=int, default=32)
+    score = commands.add_parser("qs", help="QS of a folder of images under a fitted mixture")
+    score.add_argument("--images", required=True)
+    score.add_argument("--model", required=True, help="the .npz written by fit-qs")
+    for sub in (fit, score):
+        sub.add_argument("--clip", required=True, help="open_clip arch or local-dir:/folder")
+        sub.add_argument("--checkpoint", default=None, help="local weights file for --clip")
+        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    {"fit-qs": fit_qs_command, "qs": qs_command}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

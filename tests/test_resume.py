@@ -1,0 +1,133 @@
+"""Survive: exact resume after kill -9, SIGTERM checkpoints, EMA state, non-finite steps."""
+
+import random
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from pbe_lightning.callbacks.ema import EMA
+from pbe_lightning.models.build import build_model
+from tests.conftest import TINY, run_train
+
+RUN = [
+    *[o for o in TINY if not o.startswith(("trainer.max_steps", "data.num_workers"))],
+    "trainer.max_steps=8",
+    "data.batches_per_epoch=3",  # epoch ends and validations fall between kill points
+    "data.num_workers=2",  # resume must also rotate the loader's worker order
+    "callbacks=ema",
+    "callbacks.ema.decay=0.9",
+    "trainer.deterministic=true",
+]
+
+
+def final_state(run_dir):
+    checkpoint = torch.load(
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    return checkpoint
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for key in a["pbe_ema"]:
+        assert torch.equal(a["pbe_ema"][key], b["pbe_ema"][key]), key
+    for sa, sb in zip(
+        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()
+    ):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, cache_dir):
+    reference = tmp_path / "uninterrupted"
+    result = run_train([*RUN, f"hydra.run.dir={reference}"], tmp_path, cache_dir)
+    assert result.returncode == 0
+    expected = final_state(reference)
+    assert expected["global_step"] == 8
+
+    kill_points = random.Random(7).sample(range(2, 8), 2)
+    for step in kill_points:
+        run_dir = tmp_path / f"killed_at_{step}"
+        killer = ["+callbacks.kill._target_=tests.helpers.SignalAt", f"+callbacks.kill.step={step}"]
+        result = run_train([*RUN, *killer, f"hydra.run.dir={run_dir}"], tmp_path, cache_dir)
+        assert result.returncode == -9, f"the run was meant to die at step {step}"
+        partial = final_state(run_dir)  # last.ckpt must be loadable after a kill
+        assert partial["global_step"] <= step
+        result = run_train(
+            [*RUN, "ckpt_path=last", f"hydra.run.dir={run_dir}"], tmp_path, cache_dir
+        )
+        assert result.returncode == 0
+        assert_same_training(final_state(run_dir), expected)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
+    run_dir = tmp_path / "term"
+    signal = [
+        "+callbacks.term._target_=tests.helpers.SignalAt",
+        "+callbacks.term.step=3",
+        "+callbacks.term.signal=SIGTERM",
+    ]
+    result = run_train(
+        [*RUN, *signal, "callbacks.checkpoint.every_n_train_steps=100", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        cache_dir,
+    )
+    assert result.returncode == 0
+    checkpoint = final_state(run_dir)
+    assert checkpoint["global_step"] == 4  # the step in flight finishes, then it stops
+    assert "pbe_ema" in checkpoint and "DataModule" in "".join(checkpoint)
+
+
+def test_ema_averages_only_taken_steps_and_round_trips(tiny_cfg):
+    model = build_model(tiny_cfg().model)
+    ema = EMA(decay=0.5)
+    trainer = type("T", (), {"global_step": 1, "sanity_checking": False})()
+    ema.on_fit_start(trainer, model)
+    start = {n: t.clone() for n, t in ema.shadow.items()}
+    with torch.no_grad():
+        for p in EMA.tracked(model).values():
+            p.add_(1.0)
+    ema.on_train_batch_end(trainer, model, None, None, 0)  # skipped step: no update
+    assert all(torch.equal(ema.shadow[n], start[n]) for n in start)
+    ema.on_train_batch_end(trainer, model, {"loss": 1}, None, 0)
+    name = next(iter(start))
+    assert torch.allclose(ema.shadow[name], start[name] + 0.5)
+    checkpoint = {}
+    ema.on_save_checkpoint(trainer, model, checkpoint)
+    restored = EMA(decay=0.5)
+    restored.on_load_checkpoint(trainer, model, checkpoint)
+    assert all(torch.equal(restored.shadow[n], ema.shadow[n]) for n in start)
+    with ema.swapped_in(model):
+        assert torch.equal(dict(model.named_parameters())[name], ema.shadow[name])
+    assert torch.allclose(dict(model.named_parameters())[name], start[name] + 1)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error(tiny_cfg):
+    cfg = tiny_cfg("model.max_nonfinite_steps=3", "trainer.max_steps=10")
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nan = torch.tensor(float("nan"), requires_grad=True)
+    model.diffusion_loss = lambda *args, **kwargs: nan * 1
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(
+        RuntimeError, match="non-finite.*3 steps in a row.*model.max_nonfinite_steps"
+    ):
+        trainer.fit(model, datamodule=datamodule)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no step was taken
+    assert model.nonfinite_total == 3

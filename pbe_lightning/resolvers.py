@@ -7,6 +7,7 @@ numbers from their environment means one config serves every job size.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 
 from omegaconf import OmegaConf
 
@@ -30,9 +31,65 @@ def launcher_devices(default: int | str = "auto") -> int | str:
     return default
 
 
+def _hydra_config():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def experiment_names() -> list[str]:
+    """The selected experiment config(s), e.g. ["ablate_mask", "demo"]: W&B tags."""
+    hydra = _hydra_config()
+    if hydra is None:
+        return []
+    choice = hydra.runtime.choices.get("experiment")
+    if not choice:  # a list selection (experiment=[a,b]) is only in the overrides
+        given = [o for o in hydra.overrides.task if o.startswith("experiment=")]
+        choice = given[-1].partition("=")[2] if given else ""
+    return [name.strip() for name in str(choice).strip("[]").split(",") if name.strip()]
+
+
+def run_name() -> str | None:
+    """A run named by what it changes (``data/mask=box,seed=2``); None lets W&B pick."""
+    hydra = _hydra_config()
+    return (hydra.job.override_dirname or None) if hydra else None
+
+
+def sweep_group() -> str | None:
+    """All runs of one multirun share a W&B group: experiment(s) + sweep folder."""
+    hydra = _hydra_config()
+    if hydra is None or str(hydra.mode) != "RunMode.MULTIRUN":
+        return None
+    return "+".join(experiment_names() or ["sweep"]) + "/" + os.path.basename(hydra.sweep.dir)
+
+
+def run_id() -> str | None:
+    """The launcher's job id: every node of one job then writes into one run folder."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm-" + os.environ["SLURM_JOB_ID"]
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return "torchrun-" + os.environ["TORCHELASTIC_RUN_ID"]
+    return None
+
+
+def run_stamp() -> str:
+    """Run folder name: the launcher's job id when there is one, else the start time."""
+    return run_id() or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def register() -> None:
-    OmegaConf.register_new_resolver("pbe.nodes", launcher_nodes, replace=True)
-    OmegaConf.register_new_resolver("pbe.devices", launcher_devices, replace=True)
+    for name, function in {
+        "pbe.nodes": launcher_nodes,
+        "pbe.devices": launcher_devices,
+        "pbe.experiments": experiment_names,
+        "pbe.run_name": run_name,
+        "pbe.sweep_group": sweep_group,
+        "pbe.run_stamp": run_stamp,
+    }.items():
+        # Cached: a folder name must not change between two reads in one process.
+        OmegaConf.register_new_resolver(
+            name, function, replace=True, use_cache=name == "pbe.run_stamp"
+        )
 
 
 register()

@@ -129,3 +129,11 @@ def test_tiny_unet_config_is_an_sd_style_4_channel_checkpoint(cache_dir):
         config["in_channels"] == 4
         and config["cross_attention_dim"] == TINY_UNET["cross_attention_dim"]
     )
+
+
+def test_unet_attention_runs_through_pytorch_sdpa(cache_dir):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = tiny_backbone(str(cache_dir)).unet
+    processors = set(type(p) for p in unet.attn_processors.values())
+    assert processors == {AttnProcessor2_0}

@@ -174,3 +174,17 @@ def test_two_process_cpu_ddp_gets_equal_batches_and_one_output_dir(tmp_path, cac
         "ddp"
     ]  # rank 1 made no dir of its own
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_bf16_mixed_with_accumulation_and_clipping_trains(tiny_cfg):
+    cfg = tiny_cfg(
+        "trainer.precision=bf16-mixed",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.gradient_clip_val=1.0",
+    )
+    metrics = train(cfg)
+    assert np.isfinite(metrics["train/loss"])
+    checkpoint = torch.load(
+        cfg.paths.output_dir + "/checkpoints/last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert checkpoint["global_step"] == 4  # optimiser steps: 8 batches accumulated in pairs

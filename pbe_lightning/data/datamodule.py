@@ -13,6 +13,7 @@ import os
 import random
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import braceexpand
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from pbe_lightning.data.augment import Augment
 from pbe_lightning.data.crops import BoxFilter, CropSampler
 from pbe_lightning.data.demo import ensure_demo_dataset
+from pbe_lightning.data.device_decode import decode_batch, is_encoded
 from pbe_lightning.data.masks import MaskGenerator
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.data.stream import EpochOfBatches, StreamPlace, StreamPosition, TrainStream
@@ -115,6 +117,7 @@ class PaintByExampleDataModule(L.LightningDataModule):
         augment: Augment | None = None,
         demo_dir: str | None = None,
         pin_memory: bool = True,
+        decode_on_device: bool = False,
     ) -> None:
         super().__init__()
         self.shards, self.val_shards = shards, val_shards
@@ -131,6 +134,7 @@ class PaintByExampleDataModule(L.LightningDataModule):
             box_filter or BoxFilter(),
             crop or CropSampler(),
             max_upscale,
+            decode_on_device=decode_on_device,
         )
         self.masks = mask or MaskGenerator()
         self.augment = augment or Augment()
@@ -184,7 +188,9 @@ class PaintByExampleDataModule(L.LightningDataModule):
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
-        preview = PreviewSet(self.val_urls, self.spec, self.masks, self.val_samples, self.seed)
+        # Decoded once and kept: the worker path, whatever decode_on_device says.
+        spec = replace(self.spec, decode_on_device=False)
+        preview = PreviewSet(self.val_urls, spec, self.masks, self.val_samples, self.seed)
         return DataLoader(
             preview, batch_size=self.val_batch_size, shuffle=False, generator=self._own_generator()
         )
@@ -207,6 +213,8 @@ class PaintByExampleDataModule(L.LightningDataModule):
         training = self._has_trainer() and self.trainer.training
         if training and "stream_index" in batch:
             self._note_consumed(int(batch["stream_index"]), int(batch["stream_records"]))
+        if is_encoded(batch):
+            batch = decode_batch(batch, self.spec.resolution, self.spec.reference_size)
         return device_transform(batch, self.masks, self.augment, training)
 
     def _note_consumed(self, index: int, records: int) -> None:

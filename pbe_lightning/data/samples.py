@@ -4,6 +4,10 @@ The worker does the least it can: parse the boxes, draw the crop geometry, decod
 the smallest DCT scale that still covers the crop (PIL ``draft``), crop and resize. Masks and
 reference augmentation are batched on the accelerator later (``device_transform``).
 
+With ``SampleSpec.decode_on_device`` the worker stops before decoding: it passes the JPEG's
+bytes and the crop geometry in full-image pixels, and ``pbe_lightning.data.device_decode``
+decodes, crops and resizes the whole batch on the accelerator (see ``Encoded``).
+
 Box convention: boxes are absolute pixels ``[x0, y0, x1, y1]`` of the image **as displayed**,
 i.e. after its EXIF orientation is applied. Converters in ``data/make_shards.py`` write them so.
 
@@ -82,6 +86,40 @@ class SampleSpec:
     crop_sampler: CropSampler = field(default_factory=CropSampler)
     max_upscale: float = 4.0  # skip images whose short side needs more than this upscaling
     max_pixels: int = 8192 * 8192  # decompression-bomb guard, checked before decoding
+    decode_on_device: bool = False  # pass JPEG bytes on; decode the batch on the accelerator
+
+
+class Encoded(bytes):
+    """One sample's pixels, still to be produced on the device; bytes, so batches stay cheap.
+
+    ``kind == "jpeg"``: the record's JPEG file, to decode there, then show as EXIF
+    ``orientation`` says. ``kind == "pixels"``: a record the device decoder cannot take (PNG,
+    WebP, CMYK, a JPEG with data after its end marker), decoded by the worker as usual and
+    carried as the raw uint8 ``image`` then ``reference`` (CHW), so a batch never mixes forms.
+
+    Why bytes and not a uint8 tensor: ``default_collate`` keeps bytes as a list (tensors of
+    different lengths cannot be stacked), and ``to`` returning ``self`` makes Lightning leave
+    it on the host, where ``torchvision.io.decode_jpeg`` wants its input (it would otherwise
+    copy each tensor to the GPU, or walk plain bytes one int at a time: ~0.2 s per 100 kB).
+    """
+
+    kind: str = "jpeg"
+    orientation: int = 1
+
+    @classmethod
+    def jpeg(cls, data: bytes, orientation: int) -> Encoded:
+        encoded = cls(data)
+        encoded.orientation = orientation
+        return encoded
+
+    @classmethod
+    def pixels(cls, image: torch.Tensor, reference: torch.Tensor) -> Encoded:
+        encoded = cls(image.numpy().tobytes() + reference.numpy().tobytes())
+        encoded.kind = "pixels"
+        return encoded
+
+    def to(self, *args: object, **kwargs: object) -> Encoded:
+        return self
 
 
 def parse_json(raw: bytes | None) -> dict:
@@ -228,25 +266,58 @@ def make_sample(record: dict, spec: SampleSpec, rng: random.Random) -> dict:
     """Shard record -> ``image`` (3,R,R) and ``reference`` (3,S,S) uint8, boxes in the crop.
 
     Raises SkipSample with the first reason found, cheapest checks first: json, image header,
-    size, boxes against the image, then decoding.
+    size, boxes against the image, then decoding. With ``spec.decode_on_device`` the sample
+    holds ``encoded``, ``crop_px`` and ``reference_px`` instead of the two images.
     """
     image_key = next((k for k in IMAGE_KEYS if k in record), None)
+    raw = record.get(image_key) if image_key else None
     boxes = parse_boxes(record.get("json"))
-    image = open_image(record.get(image_key) if image_key else None, spec)
+    image = open_image(raw, spec)
     turn = orientation(image)
     width, height = displayed_size(image, turn)
     if min(width, height) * spec.max_upscale < spec.resolution:
         raise SkipSample("too_small", f"{width}x{height} px for {spec.resolution} px crops")
     box = _choose(boxes, width, height, spec, rng)
     geometry = spec.crop_sampler(box, width, height, rng)
+    in_crop = {
+        "object_box": torch.tensor(geometry.in_crop(geometry.object_box), dtype=torch.float32),
+        "mask_box": torch.tensor(geometry.in_crop(geometry.mask_box), dtype=torch.float32),
+    }
+    if spec.decode_on_device and device_decodable(image, raw):
+        return {
+            "encoded": Encoded.jpeg(raw, turn),
+            "crop_px": torch.tensor(geometry.crop, dtype=torch.float32),
+            "reference_px": torch.tensor(geometry.reference_box, dtype=torch.float32),
+            **in_crop,
+        }
+    pixels = _decode_crops(image, geometry, spec, turn)
+    if spec.decode_on_device:
+        unused = torch.zeros(4, dtype=torch.float32)
+        encoded = Encoded.pixels(pixels["image"], pixels["reference"])
+        return {"encoded": encoded, "crop_px": unused, "reference_px": unused, **in_crop}
+    return {**pixels, **in_crop}
+
+
+def device_decodable(image: Image.Image, raw: bytes) -> bool:
+    """Whether the batched device decoder can take this file as it is.
+
+    YCbCr and greyscale JPEGs only: nvjpeg's CMYK support is patchy. A file that does not end
+    with the JPEG end marker may be truncated, which only a decode would tell, and a device
+    batch cannot skip a sample: the worker decodes those (and skips them if truncated).
+    """
+    is_jpeg = isinstance(image, JpegImagePlugin.JpegImageFile)
+    return is_jpeg and image.mode in ("RGB", "L") and raw.endswith(b"\xff\xd9")
+
+
+def _decode_crops(
+    image: Image.Image, geometry: CropGeometry, spec: SampleSpec, turn: int
+) -> dict[str, torch.Tensor]:
     image, factor = decode_rgb(image, _scale_needed(geometry, spec), turn)
     return {
         "image": _crop_resize(image, scaled(geometry.crop, factor), spec.resolution),
         "reference": _crop_resize(
             image, scaled(geometry.reference_box, factor), spec.reference_size
         ),
-        "object_box": torch.tensor(geometry.in_crop(geometry.object_box), dtype=torch.float32),
-        "mask_box": torch.tensor(geometry.in_crop(geometry.mask_box), dtype=torch.float32),
     }
 
 

@@ -28,11 +28,25 @@ def instantiate(cfg: Any, **kwargs: Any) -> Any:
 
 
 def build_model(cfg: DictConfig) -> PaintByExampleModule:
-    """``cfg`` is the ``model`` node. The encoder's output width follows the UNet it feeds."""
-    backbone = instantiate(cfg.backbone)
+    """``cfg`` is the ``model`` node. The encoder's output width follows the UNet it feeds.
+
+    ``cfg.init_from`` (experiment=finetune) then replaces every weight, frozen ones included,
+    with a trained Paint-by-Example model's (``models/pretrained.py``); the configs still
+    define the architecture.
+    """
+    import warnings
+
+    from pbe_lightning.models import pretrained
+
+    init_from = pretrained.init_source(cfg)
+    with warnings.catch_warnings():
+        if init_from:
+            # The init weights replace this UNet, so its channel order is not a concern.
+            warnings.filterwarnings("ignore", message="the UNet already has 9 input channels")
+        backbone = instantiate(cfg.backbone)
     encoder = instantiate(cfg.encoder, context_dim=backbone.unet.config.cross_attention_dim)
-    options = {k: v for k, v in cfg.items() if k not in PARTS}
-    return PaintByExampleModule(
+    options = {k: v for k, v in cfg.items() if k not in (*PARTS, "init_from")}
+    module = PaintByExampleModule(
         backbone=backbone,
         encoder=encoder,
         noise_scheduler=instantiate(cfg.noise_scheduler),
@@ -41,6 +55,9 @@ def build_model(cfg: DictConfig) -> PaintByExampleModule:
         model_config=OmegaConf.to_container(cfg, resolve=True),
         **options,
     )
+    if init_from:
+        pretrained.init_weights(module, init_from)
+    return module
 
 
 def load_trained(checkpoint_path: str, map_location: str = "cpu") -> PaintByExampleModule:

@@ -70,6 +70,23 @@ class PaintByExampleModule(L.LightningModule):
         # Lightning keeps the train/eval modes modules arrive in, and diffusers loads in eval.
         self.train()
 
+    def configure_model(self) -> None:
+        """Under FSDP, shard only the trainable UNet (per block); Lightning then leaves the
+        root unwrapped, so the frozen VAE and CLIP tower stay whole on every rank."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, FSDPStrategy):
+            return
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy, wrap
+
+        if isinstance(self.unet, FullyShardedDataParallel):
+            return
+        policy = ModuleWrapPolicy({BasicTransformerBlock, ResnetBlock2D})
+        self.unet = wrap(self.unet, auto_wrap_policy=policy, use_orig_params=True)
+
     # -- frozen parts stay frozen ---------------------------------------------------------
     def train(self, mode: bool = True) -> PaintByExampleModule:
         super().train(mode)

@@ -1,0 +1,327 @@
+"""``evaluate(cfg)``: paint every COCOEE benchmark item with a checkpoint, then score the edits.
+
+    python evaluate.py ckpt_path=run/checkpoints/last.ckpt benchmark=cocoee real_images=coco_test \\
+        clip.arch=ViT-B-32-quickgelu clip.checkpoint=/weights/clip_b32.bin qs_model=qs.npz
+
+Writes into Hydra's run dir: ``edits/<id>.png`` (each edit at its source's size), ``metrics.json``,
+``grid.png`` (source | mask | reference | edit) and, with ``logger=wandb``, a W&B table.
+
+Resuming: run again with ``hydra.run.dir=<that dir>``. An item whose ``edits/<id>.png`` exists is
+not painted again (files are written atomically, so an existing one is complete).
+``edits/settings.json`` records everything that decides the pixels; a resume with other values
+is refused rather than mixing two settings in one set of edits.
+
+Seeding: items are painted in fixed chunks of ``batch_size`` by manifest index ([0, B), [B, 2B),
+...), each with a generator seeded ``seed + its first index``, the last chunk padded to full
+size. An edit therefore depends only on (seed, batch_size, its index, its own inputs): neither
+``limit`` nor an interruption changes it (on the same device and library versions). A chunk
+with some edits missing is painted whole again and only the missing files are written.
+
+QS needs a mixture fitted on real images (``qs_model``); without one it is skipped with a
+warning (``"qs": null``), since FID and CLIP score are still worth the painting; score later
+with ``python -m pbe_lightning.metrics qs --images <run dir>/edits --model qs.npz --clip ...``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from pbe_lightning.edit import (
+    load_editor,
+    make_batch,
+    paste_back,
+    pick_device,
+    read_image,
+    read_user_mask,
+    resize,
+    save_atomically,
+)
+from pbe_lightning.metrics import (
+    ClipFeatures,
+    GaussianMixture,
+    clip_fid_metric,
+    image_files,
+    load_quality_model,
+    mask_bounding_box,
+    quality_score,
+    region_clip_score,
+)
+from pbe_lightning.models.module import PaintByExampleModule
+from pbe_lightning.train import instantiate_each
+
+log = logging.getLogger(__name__)
+FIT_QS = "python -m pbe_lightning.metrics fit-qs --real REAL_DIR --clip ARCH [--checkpoint FILE] --out qs.npz"  # fmt: skip
+INCEPTION_SIZE = 299
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int  # position in the manifest: the seed and the chunk follow from it
+    id: str
+    source: Path
+    mask: Path
+    reference: Path
+    category: str
+
+
+def read_items(benchmark: str | Path, limit: int | None = None) -> list[Item]:
+    root = Path(benchmark)
+    if not (root / "manifest.json").is_file():
+        raise FileNotFoundError(f"no manifest.json in {root}: build one with data/make_cocoee.py")
+    entries = json.loads((root / "manifest.json").read_text())["items"][:limit]
+    return [
+        Item(i, str(e["id"]), root / e["source"], root / e["mask"], root / e["reference"],
+             str(e.get("category", "")))
+        for i, e in enumerate(entries)
+    ]  # fmt: skip
+
+
+def chunks(items: list[Item], size: int) -> list[list[Item]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def edit_path(folder: Path, item: Item) -> Path:
+    return folder / f"{item.id}.png"
+
+
+# --- painting -------------------------------------------------------------------------------
+def generation_settings(cfg: DictConfig, resolution: int) -> dict:
+    keys = ("sampler", "steps", "guidance_scale", "seed", "batch_size", "paste_back")
+    settings = {key: cfg[key] for key in keys}
+    return {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "resolution": resolution, **settings}
+
+
+def claim_edits_folder(folder: Path, settings: dict) -> None:
+    """Record the settings of the edits in ``folder``, or refuse to mix in other ones."""
+    record = folder / "settings.json"
+    if record.is_file():
+        old = json.loads(record.read_text())
+        changed = {k: [old.get(k), v] for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"{folder} holds edits made with other settings ({changed}, [old, new]): "
+                "evaluate into a new run dir, or resume with the old values"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=1))
+
+
+def load_item(item: Item) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source ``(1,3,H,W)``, mask ``(1,1,H,W)`` white = edit, reference; all in [0, 1]."""
+    source = read_image(item.source)
+    try:
+        mask = read_user_mask(item.mask, (source.shape[-1], source.shape[-2]))
+    except ValueError as error:
+        raise ValueError(f"benchmark item {item.id}: {error}") from None
+    return source, mask, read_image(item.reference)
+
+
+def paint_chunk(
+    module: PaintByExampleModule, chunk: list[Item], cfg: DictConfig, resolution: int
+) -> list[torch.Tensor]:
+    """Edits ``(1, 3, H, W)`` in [0, 1] at each source's size."""
+    loaded = [load_item(item) for item in chunk]
+    padded = loaded + [loaded[-1]] * (cfg.batch_size - len(loaded))  # see the module docstring
+    batch = make_batch(*zip(*padded), resolution, module.encoder.image_size)
+    batch = {key: value.to(module.device) for key, value in batch.items()}
+    generator = torch.Generator(module.device).manual_seed(cfg.seed + chunk[0].index)
+    painted = module.paint(batch, cfg.steps, cfg.guidance_scale, cfg.sampler, generator)
+    edits = []
+    for (source, mask, _), edit in zip(loaded, painted.float().cpu() * 0.5 + 0.5):
+        edit = resize(edit[None], tuple(source.shape[-2:]))
+        edits.append(paste_back(source, edit, mask) if cfg.paste_back else edit)
+    return edits
+
+
+def generate(
+    module: PaintByExampleModule, items: list[Item], folder: Path, cfg: DictConfig, resolution: int
+) -> int:
+    """Paint the items that have no edit yet; returns how many were written."""
+    missing = {item.index for item in items if not edit_path(folder, item).is_file()}
+    todo = [c for c in chunks(items, cfg.batch_size) if any(i.index in missing for i in c)]
+    with tqdm(total=len(missing), desc="painting", unit="edit") as progress:
+        for chunk in todo:
+            for item, edit in zip(chunk, paint_chunk(module, chunk, cfg, resolution)):
+                if item.index in missing:
+                    save_atomically(edit, edit_path(folder, item))
+                    progress.update()
+    return len(missing)
+
+
+# --- metrics --------------------------------------------------------------------------------
+def load_qs_model(path: str | None, clip_arch: str) -> GaussianMixture | None:
+    if not path:
+        log.warning("qs_model is not set: QS is skipped. Fit one with `%s`", FIT_QS)
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"qs_model={path}: no such file; fit one with `{FIT_QS}`")
+    model = load_quality_model(path)
+    if model.clip and model.clip != clip_arch:  # other features: the score would mean nothing
+        raise ValueError(f"qs_model {path} was fitted with --clip {model.clip}, not {clip_arch}")
+    return model
+
+
+def inception_fid(weights: str | None) -> torch.nn.Module | None:
+    """Inception FID from a local weights file (torch-fidelity's FID Inception), if asked."""
+    if not weights:
+        return None
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"inception_weights={weights}: no such file")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ModuleNotFoundError(
+            "inception_weights needs torch-fidelity for the Inception network: "
+            "`pip install torch-fidelity` (weights still come from your file), or drop the option"
+        )
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return FrechetInceptionDistance(
+        feature=2048, normalize=True, feature_extractor_weights_path=str(weights)
+    )
+
+
+def centre_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size``, centre crop: how FID reference sets are usually prepared."""
+    height, width = image.shape[-2:]
+    scale = size / min(height, width)
+    image = resize(image, (max(size, round(height * scale)), max(size, round(width * scale))))
+    top, left = (image.shape[-2] - size) // 2, (image.shape[-1] - size) // 2
+    return image[..., top : top + size, left : left + size]
+
+
+def update_fids(
+    fids: dict, images: list[torch.Tensor], clip: ClipFeatures, real: bool
+) -> torch.Tensor:
+    """Feed one batch of any-size images to every FID; returns CLIP's input (for QS)."""
+    clip_input = torch.cat([clip.resize(image) for image in images])
+    fids["fid_clip"].update(clip_input, real=real)
+    if "fid_inception" in fids:
+        square = torch.cat([centre_square(image, INCEPTION_SIZE) for image in images])
+        fids["fid_inception"].update(square.to(clip_input.device), real=real)
+    return clip_input
+
+
+@torch.no_grad()
+def score(
+    items: list[Item], folder: Path, cfg: DictConfig, clip: ClipFeatures, fids: dict, qs_model
+) -> tuple[dict, list[float], int]:
+    """Metric values, per-item region CLIP scores, and the number of real images."""
+    real_files = image_files(cfg.real_images)
+    for start in range(0, len(real_files), cfg.batch_size):
+        batch = [read_image(f) for f in real_files[start : start + cfg.batch_size]]
+        update_fids(fids, batch, clip, real=True)
+    features, clip_scores = [], []
+    for chunk in tqdm(chunks(items, cfg.batch_size), desc="scoring", unit="batch"):
+        edits = [read_image(edit_path(folder, item)) for item in chunk]
+        features.append(clip.embed(update_fids(fids, edits, clip, real=False)).cpu())
+        for item, edit in zip(chunk, edits):
+            box = mask_bounding_box(read_user_mask(item.mask)[0])
+            reference = read_image(item.reference)
+            clip_scores.append(region_clip_score([edit[0]], [box], [reference[0]], clip))
+    values = {name: float(metric.compute()) for name, metric in fids.items()}
+    values["qs"] = quality_score(torch.cat(features), qs_model) if qs_model else None
+    values["clip_score"] = sum(clip_scores) / len(clip_scores)
+    return values, clip_scores, len(real_files)
+
+
+# --- outputs --------------------------------------------------------------------------------
+def write_grid(items: list[Item], folder: Path, path: Path, cell: int = 256) -> None:
+    """One row per item: source | mask (white = edit) | reference | edit, each squashed."""
+    tiles = []
+    for item in items:
+        source, mask, reference = load_item(item)
+        edit = read_image(edit_path(folder, item))
+        for image in (source, mask.expand(-1, 3, -1, -1), reference, edit):
+            tiles.append(resize(image, (cell, cell))[0])
+    save_image(make_grid(tiles, nrow=4, padding=2), path)
+
+
+def log_results(
+    loggers: list[Logger], items: list[Item], folder: Path, scores: list[float], report: dict,
+    grid: Path, rows: int,
+) -> None:  # fmt: skip
+    metrics = {f"eval/{k}": v for k, v in report["metrics"].items() if v is not None}
+    for logger in loggers:
+        logger.log_hyperparams(report["config"])
+        logger.log_metrics(metrics)
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            columns = ["id", "category", "source", "mask", "reference", "edit", "clip_score"]
+            data = [
+                [item.id, item.category, *(wandb.Image(str(p)) for p in
+                 (item.source, item.mask, item.reference, edit_path(folder, item))), clip_score]
+                for item, clip_score in zip(items[:rows], scores)
+            ]  # fmt: skip
+            logger.log_table("eval/items", columns=columns, data=data)
+            logger.log_image("eval/grid", [str(grid)])
+            logger.experiment.finish()  # flush the (offline) run before evaluate returns
+        else:
+            logger.finalize("success")
+
+
+def load_metric_clip(cfg: DictConfig, device: torch.device) -> ClipFeatures:
+    try:
+        return ClipFeatures.load(cfg.clip.arch, cfg.clip.checkpoint).to(device)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"metrics CLIP: set clip.arch / clip.checkpoint ({error})"
+        ) from None
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Paint the benchmark (resumably), score it, write metrics.json + grid; returns the report."""
+    if cfg.batch_size < 1 or cfg.steps < 1:
+        raise ValueError(f"batch_size={cfg.batch_size} and steps={cfg.steps} must be >= 1")
+    out = Path(cfg.paths.output_dir)
+    items = read_items(cfg.benchmark, cfg.limit)
+    if not items:
+        raise ValueError(f"{cfg.benchmark}/manifest.json lists no items")
+    device = pick_device(cfg.device)
+    # Everything that can fail does so before hours of painting.
+    image_files(cfg.real_images)
+    clip = load_metric_clip(cfg, device)
+    qs_model = load_qs_model(cfg.qs_model, cfg.clip.arch)
+    fids = {"fid_clip": clip_fid_metric(clip).to(device)}
+    if (inception := inception_fid(cfg.inception_weights)) is not None:
+        fids["fid_inception"] = inception.to(device)
+    loggers = instantiate_each(cfg.get("logger"))
+    module, resolution = load_editor(cfg.ckpt_path, device, cfg.resolution)
+    folder = out / "edits"
+    claim_edits_folder(folder, generation_settings(cfg, resolution))
+
+    started = time.perf_counter()
+    painted = generate(module, items, folder, cfg, resolution)
+    del module  # its memory is the metrics' now
+    painted_at = time.perf_counter()
+    values, clip_scores, real_count = score(items, folder, cfg, clip, fids, qs_model)
+    skipped = {"qs": f"no qs_model; fit one with `{FIT_QS}`"} if qs_model is None else {}
+    if "fid_inception" not in fids:
+        skipped["fid_inception"] = "inception_weights not set"
+    report = {
+        "metrics": {"fid_clip": None, "qs": None, "clip_score": None, "fid_inception": None}
+        | values,
+        "counts": {"items": len(items), "painted_this_run": painted, "real_images": real_count},
+        "skipped": skipped,
+        "seconds": {"painting": painted_at - started, "scoring": time.perf_counter() - painted_at},
+        "config": {**OmegaConf.to_container(cfg, resolve=True), "resolution": resolution},
+    }
+    report["config"].pop("logger", None)
+    report["config"].pop("paths", None)
+    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    grid = out / "grid.png"
+    write_grid(items[: cfg.grid_items], folder, grid)
+    log_results(loggers, items, folder, clip_scores, report, grid, cfg.table_rows)
+    log.info("metrics %s -> %s", report["metrics"], out / "metrics.json")
+    return report

@@ -1,0 +1,157 @@
+"""Scale out with config alone: torchrun across two 'nodes', sweeps, SLURM launcher config."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY, run_train
+
+SMALL = [o for o in TINY if not o.startswith("logger")] + [
+    "trainer.max_steps=3",
+    "data.batches_per_epoch=3",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_with_torchrun_share_one_run_dir(tmp_path, cache_dir):
+    port = free_port()
+    env = dict(os.environ, PBE_CACHE_DIR=str(cache_dir), PYTHONPATH=str(REPO))
+    counts = tmp_path / "counts"
+    args = [
+        "trainer=multinode",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        *SMALL,
+        "logger=csv",
+        "+callbacks.batch_counter._target_=tests.helpers.BatchCounter",
+        f"+callbacks.batch_counter.dirpath={counts}",
+    ]
+
+    def node(rank: int) -> subprocess.Popen:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={rank}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "--rdzv-id=pbe-test",
+            str(REPO / "train.py"),
+            *args,
+        ]
+        return subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    nodes = [node(0), node(1)]
+    outputs = [p.communicate(timeout=240)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    records = [json.loads((counts / f"batches_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2]
+    assert records[0]["batches"] == records[1]["batches"] == 3
+    runs = list((tmp_path / "outputs" / "train").iterdir())
+    assert [r.name for r in runs] == ["torchrun-pbe-test"]  # both nodes wrote into one folder
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_an_ablation_sweep_gives_grouped_wandb_runs_with_their_own_configs(tmp_path, cache_dir):
+    args = [
+        "-m",
+        "experiment=[ablate_mask,demo]",
+        "data/mask=box,irregular",
+        *SMALL,
+        "trainer.max_steps=2",
+        "logger=wandb",
+    ]
+    result = run_train(args, cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = next((tmp_path / "multirun" / "train").iterdir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [j.name for j in jobs] == ["0", "1"]
+    configs = [yaml.safe_load((j / "config_resolved.yaml").read_text()) for j in jobs]
+    assert [c["data"]["mask"]["irregular_prob"] for c in configs] == [0.0, 1.0]
+    wandb = [c["logger"]["wandb"] for c in configs]
+    assert wandb[0]["group"] == wandb[1]["group"] and wandb[0]["group"].startswith(
+        "ablate_mask+demo/"
+    )
+    assert wandb[0]["tags"] == ["ablate_mask", "demo"]
+    assert "data/mask=box" in wandb[0]["name"] and "data/mask=irregular" in wandb[1]["name"]
+    for job in jobs:
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and (runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb").is_file()
+
+
+@pytest.mark.parametrize(
+    "name", ["ablate_bottleneck", "ablate_augment", "ablate_mask", "ablate_cfg"]
+)
+def test_ablation_grids_match_the_method(name):
+    params = yaml.safe_load((REPO / "conf" / "experiment" / f"{name}.yaml").read_text())["hydra"][
+        "sweeper"
+    ]["params"]
+    expected = {
+        "ablate_bottleneck": {
+            "model.encoder.bottleneck": "cls,tokens",
+            "model.encoder.mapper_depth": "1,5",
+        },
+        "ablate_augment": {"data/augment": "none,paper,strong"},
+        "ablate_mask": {"data/mask": "box,irregular,paper"},
+        "ablate_cfg": {
+            "model.cfg_dropout": "0.0,0.1,0.2",
+            "model.cfg_dropout_mode": "per_sample,per_batch",
+        },
+    }[name]
+    assert params == expected
+
+
+def test_slurm_launcher_config_asks_for_requeue_and_one_task_per_gpu():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "hydra/launcher=slurm",
+            "hydra.launcher.gpus_per_node=4",
+            "--cfg",
+            "hydra",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["tasks_per_node"] in (4, "${.gpus_per_node}")
+    assert launcher["additional_parameters"]["requeue"] is True and launcher["signal_delay_s"] > 0
+
+
+def test_multinode_trainer_reads_the_launchers_topology(monkeypatch):
+    from pbe_lightning.resolvers import launcher_devices, launcher_nodes
+
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert (launcher_nodes(), launcher_devices()) == (2, 8)
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x4)")
+    assert (launcher_nodes(), launcher_devices()) == (4, 8)

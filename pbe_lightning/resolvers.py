@@ -25,9 +25,9 @@ def launcher_devices(default: int | str = "auto") -> int | str:
     """Processes per node: torchrun's LOCAL_WORLD_SIZE or SLURM's tasks per node."""
     if "LOCAL_WORLD_SIZE" in os.environ:
         return int(os.environ["LOCAL_WORLD_SIZE"])
-    tasks = os.environ.get("SLURM_NTASKS_PER_NODE")
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
     if tasks:
-        return int(tasks.split("(")[0])
+        return int(tasks.split("(")[0].split(",")[0])  # "2(x4)" or "2,1": first node's count
     return default
 
 

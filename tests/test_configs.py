@@ -47,7 +47,7 @@ def test_paper_experiment_is_the_method_recipe(tiny_cfg):
     assert data.resolution == 512 and data.reference_size == 224 and data.batch_size == 4
     assert data.mask.irregular_prob == 0.5 and data.augment.hflip == 0.5
     assert (data.box_filter.min_area, data.box_filter.max_area) == (0.02, 0.8)
-    assert trainer.devices == 8 and trainer.max_epochs == 40 and cfg.seed == 23
+    assert trainer.strategy == "ddp" and trainer.max_epochs == 40 and cfg.seed == 23
 
 
 def test_ablation_switches_are_config_only(tiny_cfg):

@@ -23,6 +23,7 @@ Timings on shared machines are noisy: each is repeated ``--repeats`` times and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -36,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +131,7 @@ class ReferencePipeline:
         x0, y0, x1, y1 = (round(v) for v in geometry.crop)
         size = [self.resolution, self.resolution]
         source = TF.resize(full[:, y0:y1, x0:x1], size, antialias=True)
-        mask = TF.resize(mask[:, y0:y1, x0:x1], size, T.InterpolationMode.NEAREST)
+        mask = TF.resize(mask[:, y0:y1, x0:x1], size, antialias=True)
         reference = image.crop(tuple(round(v) for v in geometry.reference_box))
         return {
             "image": source,
@@ -189,10 +191,8 @@ def cpu_per_sample(fn: Sample, records: list[dict]) -> float:
     """Mean CPU seconds per record of ``fn``, this process, skips included."""
     start = time.process_time()
     for index, record in enumerate(records):
-        try:
+        with contextlib.suppress(SkipSample):
             fn(record, random.Random(f"bench:{index}"))
-        except SkipSample:
-            pass
     return (time.process_time() - start) / len(records)
 
 
@@ -244,7 +244,7 @@ def device_times(
 ) -> tuple[float, float]:
     """(decode_batch s, device_transform s) per batch, medians; decode 0 for decoded batches."""
     decode, transform = [], []
-    for batch in batches:
+    for batch in [batches[0], *batches]:  # the first call of each op is a warm-up
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         synchronize(device)
         start = time.perf_counter()
@@ -256,7 +256,7 @@ def device_times(
         synchronize(device)
         decode.append(middle - start)
         transform.append(time.perf_counter() - middle)
-    return statistics.median(decode), statistics.median(transform)
+    return statistics.median(decode[1:]), statistics.median(transform[1:])
 
 
 def synchronize(device: torch.device) -> None:
@@ -264,29 +264,48 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PIL_DECODE = "<method 'decode' of 'ImagingDecoder' objects>"
+PIL_RESIZE = "<method 'resize' of 'ImagingCore' objects>"
+
+
 def profile_make_sample(records: list[dict], spec: SampleSpec, top: int) -> str:
+    """Own time per function, per sample; decode and resize (the two PIL C calls) summed."""
     profiler = cProfile.Profile()
     profiler.enable()
     cpu_per_sample(lambda r, rng: make_sample(r, spec, rng), records)
     profiler.disable()
-    stats = pstats.Stats(profiler)
-    total = sum(row[2] for row in stats.stats.values())  # tottime
-    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
-    lines = [f"{'tottime %':>9}  {'ms/sample':>9}  function"]
-    for (file, line, name), (_, calls, tottime, _, _) in rows:
+    own = {key: row[2] for key, row in pstats.Stats(profiler).stats.items()}  # tottime
+    total, scale = sum(own.values()), 1000 / len(records)
+    decode = sum(t for key, t in own.items() if key[2] == PIL_DECODE)
+    resize = sum(t for key, t in own.items() if key[2] == PIL_RESIZE)
+    rest = total - decode - resize
+    lines = [
+        f"JPEG decode {decode * scale:.2f} ms/sample ({100 * decode / total:.0f}%), "
+        f"PIL resize {resize * scale:.2f} ({100 * resize / total:.0f}%), "
+        f"everything else {rest * scale:.2f} ({100 * rest / total:.0f}%)",
+        f"{'own time':>9}  {'ms/sample':>9}  function",
+    ]
+    for (file, line, name), tottime in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         where = f"{Path(file).name}:{line}({name})" if line else name
-        lines.append(
-            f"{100 * tottime / total:8.1f}%  {1000 * tottime / len(records):9.2f}  {where}"
-        )
+        lines.append(f"{100 * tottime / total:8.1f}%  {tottime * scale:9.2f}  {where}")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
-def median_of(repeats: int, measure: Callable[[], float | tuple]) -> float | tuple:
-    results = [measure() for _ in range(repeats)]
-    if isinstance(results[0], tuple):
-        return tuple(statistics.median(column) for column in zip(*results))
-    return statistics.median(results)
+def interleaved(repeats: int, measures: dict) -> dict:
+    """Median of each measure over ``repeats`` rounds, every round running each one in turn,
+    so that load from other users of the machine spreads over all of them alike."""
+    results: dict = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            results[name].append(measure())
+    return {name: median(values) for name, values in results.items()}
+
+
+def median(values: list) -> float | tuple:
+    if isinstance(values[0], tuple):
+        return tuple(statistics.median(column) for column in zip(*values))
+    return statistics.median(values)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -323,52 +342,74 @@ def main(argv: list[str]) -> None:
 
     torch.set_num_threads(1)  # as in a DataLoader worker
     subset = records[: args.cpu_samples]
-    cpu = {
-        name: median_of(args.repeats, lambda fn=fn: cpu_per_sample(fn, subset))
-        for name, fn in pipelines.items()
-    }
+    cpu = interleaved(
+        args.repeats, {name: partial(cpu_per_sample, fn, subset) for name, fn in pipelines.items()}
+    )
     torch.set_num_threads(os.cpu_count() or 1)
-    loaders = {
-        (name, workers): median_of(
-            args.repeats, lambda fn=fn, w=workers: loader_run(shards, fn, w, args.batch_size)
-        )
-        for name, fn in pipelines.items()
-        for workers in args.workers
-    }
-    device_side = {}
-    for name in ("ours", "ours-device"):
-        batches = list(BenchStream(shards[:1], pipelines[name], args.batch_size))
-        batches = batches[: args.device_batches]
-        device_side[name] = median_of(
-            args.repeats, lambda b=batches: device_times(b, masks, augment, device, spec)
-        )
+    device_side = interleaved(
+        args.repeats,
+        {
+            name: partial(
+                device_times,
+                first_batches(shards, pipelines[name], args),
+                masks,
+                augment,
+                device,
+                spec,
+            )
+            for name in ("ours", "ours-device")
+        },
+    )
+    loaders = interleaved(
+        args.repeats,
+        {
+            (name, w): partial(loader_run, shards, fn, w, args.batch_size)
+            for name, fn in pipelines.items()
+            for w in args.workers
+        },
+    )
     print_results(args, cpu, loaders, device_side, device)
     print(f"\ncProfile of make_sample ({len(subset)} records, top by own time):")
     print(profile_make_sample(subset, spec, args.profile_top))
 
 
-def print_results(args, cpu: dict, loaders: dict, device_side: dict, device) -> None:
-    ms = {name: 1000 * value for name, value in cpu.items()}
-    print(f"\n| pipeline | worker CPU ms/sample (1 proc) | ", end="")
-    print(" | ".join(f"samples/s, {w} worker(s) [CPU ms/sample]" for w in args.workers), end="")
-    print(f" | device side ms/batch of {args.batch_size} ({device.type}) |")
-    print("|---" * (3 + len(args.workers)) + "|")
+def print_results(
+    args: argparse.Namespace,
+    cpu: dict[str, float],
+    loaders: dict[tuple[str, int], tuple[float, float]],
+    device_side: dict[str, tuple[float, float]],
+    device: torch.device,
+) -> None:
+    """A markdown table (what bench/README.md shows) and the CPU-time ratios."""
+    header = ["pipeline", "CPU ms/sample (1 process)"]
+    header += [f"samples/s, {w} worker(s) [worker CPU ms/sample]" for w in args.workers]
+    header.append(f"device side, ms per batch of {args.batch_size} ({device.type})")
+    print("\n| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
     for name in cpu:
-        cells = [
+        cells = [f"{1000 * cpu[name]:.2f}"]
+        cells += [
             f"{loaders[name, w][0]:.1f} [{1000 * loaders[name, w][1]:.1f}]" for w in args.workers
         ]
-        side = "per-sample, in the worker"
-        if name in device_side:
-            decode, transform = device_side[name]
-            side = f"{1000 * transform:.0f} transform" + (
-                f" + {1000 * decode:.0f} decode" if decode else ""
-            )
-        print(f"| {name} | {ms[name]:.2f} | " + " | ".join(cells) + f" | {side} |")
+        cells.append(device_cell(device_side.get(name)))
+        print(f"| {name} | " + " | ".join(cells) + " |")
     for name in ("ours", "ours-device"):
         print(
             f"ratio {name} / reference, worker CPU per sample: "
             f"{cpu[name] / cpu['reference']:.3f} (1/{cpu['reference'] / cpu[name]:.1f})"
         )
+
+
+def first_batches(shards: list[str], fn: Sample, args: argparse.Namespace) -> list[dict]:
+    return list(BenchStream(shards[:1], fn, args.batch_size))[: args.device_batches]
+
+
+def device_cell(times: tuple[float, float] | None) -> str:
+    if times is None:
+        return "none: all per sample in the worker"
+    decode, transform = times
+    cell = f"{1000 * transform:.0f} device_transform"
+    return cell + (f" + {1000 * decode:.0f} decode_batch" if decode else "")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from pbe_lightning.data.masks import mask_from_user_image
 from pbe_lightning.metrics import Box, load_image, mask_bounding_box
 from pbe_lightning.models.backbone import vae_downscale
 from pbe_lightning.models.build import load_trained
 from pbe_lightning.models.module import PaintByExampleModule
+from pbe_lightning.models.sampler import SAMPLERS
 
 log = logging.getLogger(__name__)
 DEFAULT_RESOLUTION = 512
@@ -76,11 +77,16 @@ def load_editor(
 
 
 # --- images <-> the batch contract ------------------------------------------------------------
-def read_image(path: str | Path) -> torch.Tensor:
-    """RGB file -> ``(1, 3, H, W)`` in [0, 1]."""
+def read_image(path: str | Path, upright: bool = False) -> torch.Tensor:
+    """RGB file -> ``(1, 3, H, W)`` in [0, 1]; ``upright``: as displayed (EXIF orientation
+    applied), which is how users draw their masks on phone photos."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no image at {path}")
-    return load_image(path)
+    if not upright:
+        return load_image(path)
+    with Image.open(path) as image:
+        pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
 
 
 def read_user_mask(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -89,7 +95,8 @@ def read_user_mask(path: str | Path, size: tuple[int, int] | None = None) -> tor
     ``size`` is the ``(width, height)`` of the image it belongs to."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no mask at {path}")
-    with Image.open(path) as image:
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
         if size is not None and image.size != tuple(size):
             raise ValueError(
                 f"mask {path} is {image.size[0]}x{image.size[1]} but its image is "
@@ -109,6 +116,15 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size, mode="bicubic", antialias=True).clamp(0, 1)
 
 
+def centre_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size``, centre crop: how FID sets are usually prepared."""
+    height, width = image.shape[-2:]
+    scale = size / min(height, width)
+    image = resize(image, (max(size, round(height * scale)), max(size, round(width * scale))))
+    top, left = (image.shape[-2] - size) // 2, (image.shape[-1] - size) // 2
+    return image[..., top : top + size, left : left + size]
+
+
 def make_batch(
     sources: Sequence[torch.Tensor],
     user_masks: Sequence[torch.Tensor],
@@ -125,7 +141,7 @@ def make_batch(
     return {"image": image, "mask": mask, "masked_image": image * mask, "reference": reference}
 
 
-def paste_back(
+def composite(
     source: torch.Tensor, edited: torch.Tensor, user_mask: torch.Tensor, feather: float = 0.0
 ) -> torch.Tensor:
     """``edited`` inside the mask, ``source`` outside; feathering only fades inwards, so no
@@ -177,11 +193,11 @@ def edit_photo(
     guidance: float = 5.0,
     seed: int = 0,
     sampler: str = "ddim",
-    paste: bool = False,
+    paste_back: bool = False,
     feather: float = 0.0,
     context: float = 0.3,
 ) -> torch.Tensor:
-    """The painted region at its own size, or (``paste``) the full photo; ``(1, 3, H, W)``."""
+    """The painted region at its own size, or (``paste_back``) the full photo; ``(1, 3, H, W)``."""
     height, width = photo.shape[-2:]
     x0, y0, x1, y1 = edit_region(
         mask_bounding_box(user_mask[0]), width, height, resolution, context
@@ -193,10 +209,10 @@ def edit_photo(
     generator = torch.Generator(device).manual_seed(seed)
     painted = module.paint(batch, steps, guidance, sampler, generator).float().cpu() * 0.5 + 0.5
     painted = resize(painted, (y1 - y0, x1 - x0))
-    if not paste:
+    if not paste_back:
         return painted
     out = photo.clone()
-    out[..., y0:y1, x0:x1] = paste_back(crop, painted, crop_mask, feather)
+    out[..., y0:y1, x0:x1] = composite(crop, painted, crop_mask, feather)
     return out
 
 
@@ -210,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", default="ddim", choices=("ddim", "pndm", "dpm"))
+    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     parser.add_argument("--paste-back", action="store_true", help="write the full photo")
     parser.add_argument("--feather", type=float, default=0.0, help="blend radius in px, inwards")
     parser.add_argument("--context", type=float, default=0.3, help="margin / mask box side")
@@ -218,16 +234,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
-        photo = read_image(args.image)
+        photo = read_image(args.image, upright=True)
         user_mask = read_user_mask(args.mask, (photo.shape[-1], photo.shape[-2]))
-        example = read_image(args.example)
+        example = read_image(args.example, upright=True)
         module, resolution = load_editor(args.ckpt, pick_device(args.device), args.resolution)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
+    options = ("steps", "guidance", "seed", "sampler", "paste_back", "feather", "context")
     edited = edit_photo(
-        module, resolution, photo, user_mask, example, args.steps, args.guidance, args.seed,
-        args.sampler, args.paste_back, args.feather, args.context,
-    )  # fmt: skip
+        module, resolution, photo, user_mask, example, **{k: getattr(args, k) for k in options}
+    )
     save_atomically(edited, args.out)
     print(f"wrote {args.out} ({edited.shape[-1]}x{edited.shape[-2]})")
 

@@ -38,9 +38,10 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from pbe_lightning.edit import (
+    centre_square,
+    composite,
     load_editor,
     make_batch,
-    paste_back,
     pick_device,
     read_image,
     read_user_mask,
@@ -58,11 +59,17 @@ from pbe_lightning.metrics import (
     region_clip_score,
 )
 from pbe_lightning.models.module import PaintByExampleModule
-from pbe_lightning.train import instantiate_each
+from pbe_lightning.models.sampler import SAMPLERS
+from pbe_lightning.train import finish_loggers, instantiate_each
 
 log = logging.getLogger(__name__)
-FIT_QS = "python -m pbe_lightning.metrics fit-qs --real REAL_DIR --clip ARCH [--checkpoint FILE] --out qs.npz"  # fmt: skip
+FIT_QS = (
+    "python -m pbe_lightning.metrics fit-qs --real DIR --clip ARCH [--checkpoint F] --out qs.npz"
+)
 INCEPTION_SIZE = 299
+METRICS = ("fid_clip", "qs", "clip_score", "fid_inception")
+SKIPPED = {"qs": f"no qs_model; fit one with `{FIT_QS}`", "fid_inception": "no inception_weights"}
+TABLE_COLUMNS = ("id", "category", "source", "mask", "reference", "edit", "clip_score")
 
 
 @dataclass(frozen=True)
@@ -80,11 +87,11 @@ def read_items(benchmark: str | Path, limit: int | None = None) -> list[Item]:
     if not (root / "manifest.json").is_file():
         raise FileNotFoundError(f"no manifest.json in {root}: build one with data/make_cocoee.py")
     entries = json.loads((root / "manifest.json").read_text())["items"][:limit]
+    paths = [[root / e[key] for key in ("source", "mask", "reference")] for e in entries]
     return [
-        Item(i, str(e["id"]), root / e["source"], root / e["mask"], root / e["reference"],
-             str(e.get("category", "")))
-        for i, e in enumerate(entries)
-    ]  # fmt: skip
+        Item(i, str(e["id"]), *p, str(e.get("category", "")))
+        for i, (e, p) in enumerate(zip(entries, paths))
+    ]
 
 
 def chunks(items: list[Item], size: int) -> list[list[Item]]:
@@ -141,7 +148,7 @@ def paint_chunk(
     edits = []
     for (source, mask, _), edit in zip(loaded, painted.float().cpu() * 0.5 + 0.5):
         edit = resize(edit[None], tuple(source.shape[-2:]))
-        edits.append(paste_back(source, edit, mask) if cfg.paste_back else edit)
+        edits.append(composite(source, edit, mask) if cfg.paste_back else edit)
     return edits
 
 
@@ -191,15 +198,6 @@ def inception_fid(weights: str | None) -> torch.nn.Module | None:
     )
 
 
-def centre_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to ``size``, centre crop: how FID reference sets are usually prepared."""
-    height, width = image.shape[-2:]
-    scale = size / min(height, width)
-    image = resize(image, (max(size, round(height * scale)), max(size, round(width * scale))))
-    top, left = (image.shape[-2] - size) // 2, (image.shape[-1] - size) // 2
-    return image[..., top : top + size, left : left + size]
-
-
 def update_fids(
     fids: dict, images: list[torch.Tensor], clip: ClipFeatures, real: bool
 ) -> torch.Tensor:
@@ -230,7 +228,8 @@ def score(
             reference = read_image(item.reference)
             clip_scores.append(region_clip_score([edit[0]], [box], [reference[0]], clip))
     values = {name: float(metric.compute()) for name, metric in fids.items()}
-    values["qs"] = quality_score(torch.cat(features), qs_model) if qs_model else None
+    if qs_model is not None:
+        values["qs"] = quality_score(torch.cat(features), qs_model)
     values["clip_score"] = sum(clip_scores) / len(clip_scores)
     return values, clip_scores, len(real_files)
 
@@ -247,10 +246,8 @@ def write_grid(items: list[Item], folder: Path, path: Path, cell: int = 256) -> 
     save_image(make_grid(tiles, nrow=4, padding=2), path)
 
 
-def log_results(
-    loggers: list[Logger], items: list[Item], folder: Path, scores: list[float], report: dict,
-    grid: Path, rows: int,
-) -> None:  # fmt: skip
+def log_results(loggers: list[Logger], report: dict, table: list[list], grid: Path) -> None:
+    """The metrics to every logger; W&B also gets the per-item table and the grid."""
     metrics = {f"eval/{k}": v for k, v in report["metrics"].items() if v is not None}
     for logger in loggers:
         logger.log_hyperparams(report["config"])
@@ -258,34 +255,43 @@ def log_results(
         if isinstance(logger, WandbLogger):
             import wandb
 
-            columns = ["id", "category", "source", "mask", "reference", "edit", "clip_score"]
-            data = [
-                [item.id, item.category, *(wandb.Image(str(p)) for p in
-                 (item.source, item.mask, item.reference, edit_path(folder, item))), clip_score]
-                for item, clip_score in zip(items[:rows], scores)
-            ]  # fmt: skip
-            logger.log_table("eval/items", columns=columns, data=data)
+            rows = [[*row[:2], *(wandb.Image(str(p)) for p in row[2:6]), row[6]] for row in table]
+            logger.log_table("eval/items", columns=list(TABLE_COLUMNS), data=rows)
             logger.log_image("eval/grid", [str(grid)])
-            logger.experiment.finish()  # flush the (offline) run before evaluate returns
-        else:
-            logger.finalize("success")
+        logger.finalize("success")
+    finish_loggers(loggers)  # flush W&B runs before evaluate returns
 
 
 def load_metric_clip(cfg: DictConfig, device: torch.device) -> ClipFeatures:
     try:
         return ClipFeatures.load(cfg.clip.arch, cfg.clip.checkpoint).to(device)
     except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"metrics CLIP: set clip.arch / clip.checkpoint ({error})"
-        ) from None
+        raise FileNotFoundError(f"metrics CLIP (clip.arch, clip.checkpoint): {error}") from None
+
+
+def make_report(
+    cfg: DictConfig, values: dict, counts: dict, seconds: dict, resolution: int
+) -> dict:
+    values = dict.fromkeys(METRICS) | values
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return {
+        "metrics": values,
+        "counts": counts,
+        "skipped": {name: why for name, why in SKIPPED.items() if values[name] is None},
+        "seconds": seconds,
+        "config": {k: v for k, v in config.items() if k not in ("logger", "paths")}
+        | {"resolution": resolution},
+    }
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Paint the benchmark (resumably), score it, write metrics.json + grid; returns the report."""
-    if cfg.batch_size < 1 or cfg.steps < 1:
-        raise ValueError(f"batch_size={cfg.batch_size} and steps={cfg.steps} must be >= 1")
-    out = Path(cfg.paths.output_dir)
-    items = read_items(cfg.benchmark, cfg.limit)
+    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.sampler not in SAMPLERS:
+        raise ValueError(
+            f"batch_size={cfg.batch_size}, steps={cfg.steps} (both >= 1), sampler={cfg.sampler} "
+            f"(one of {sorted(SAMPLERS)}): fix the override"
+        )
+    out, items = Path(cfg.paths.output_dir), read_items(cfg.benchmark, cfg.limit)
     if not items:
         raise ValueError(f"{cfg.benchmark}/manifest.json lists no items")
     device = pick_device(cfg.device)
@@ -306,22 +312,15 @@ def evaluate(cfg: DictConfig) -> dict:
     del module  # its memory is the metrics' now
     painted_at = time.perf_counter()
     values, clip_scores, real_count = score(items, folder, cfg, clip, fids, qs_model)
-    skipped = {"qs": f"no qs_model; fit one with `{FIT_QS}`"} if qs_model is None else {}
-    if "fid_inception" not in fids:
-        skipped["fid_inception"] = "inception_weights not set"
-    report = {
-        "metrics": {"fid_clip": None, "qs": None, "clip_score": None, "fid_inception": None}
-        | values,
-        "counts": {"items": len(items), "painted_this_run": painted, "real_images": real_count},
-        "skipped": skipped,
-        "seconds": {"painting": painted_at - started, "scoring": time.perf_counter() - painted_at},
-        "config": {**OmegaConf.to_container(cfg, resolve=True), "resolution": resolution},
-    }
-    report["config"].pop("logger", None)
-    report["config"].pop("paths", None)
+    counts = {"items": len(items), "painted_this_run": painted, "real_images": real_count}
+    seconds = {"painting": painted_at - started, "scoring": time.perf_counter() - painted_at}
+    report = make_report(cfg, values, counts, seconds, resolution)
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
-    grid = out / "grid.png"
-    write_grid(items[: cfg.grid_items], folder, grid)
-    log_results(loggers, items, folder, clip_scores, report, grid, cfg.table_rows)
+    write_grid(items[: cfg.grid_items], folder, out / "grid.png")
+    table = [
+        [item.id, item.category, item.source, item.mask, item.reference, edit_path(folder, item), s]
+        for item, s in zip(items[: cfg.table_rows], clip_scores)
+    ]
+    log_results(loggers, report, table, out / "grid.png")
     log.info("metrics %s -> %s", report["metrics"], out / "metrics.json")
     return report

@@ -80,3 +80,18 @@ def run_train(
     if result.returncode != 0:
         print(result.stdout[-4000:], result.stderr[-8000:])
     return result
+
+
+def bare_trainer(max_steps: int):
+    """A plain CPU Trainer with no logging, checkpoints or validation: for step-level tests."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )

@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "munged")
@@ -112,10 +112,8 @@ def _wait_for_idle_node(env: dict, timeout: float = 30) -> None:
 
 
 def _stop(pid_file: Path) -> None:
-    try:
+    with suppress(FileNotFoundError, ValueError, ProcessLookupError):
         os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        pass
 
 
 def wait_for_job(job_id: str, env: dict, timeout: float) -> str:

@@ -18,8 +18,12 @@ from PIL import Image
 
 from pbe_lightning.data.demo import demo_scene
 from pbe_lightning.evaluate import evaluate
-from pbe_lightning.metrics import ClipFeatures, fit_quality_model, folder_features
-from pbe_lightning.metrics import save_quality_model
+from pbe_lightning.metrics import (
+    ClipFeatures,
+    fit_quality_model,
+    folder_features,
+    save_quality_model,
+)
 from pbe_lightning.tiny import tiny_clip_folder
 from pbe_lightning.train import train
 from tests.conftest import CONF, REPO, compose_config
@@ -96,14 +100,20 @@ def edit_files(out: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "edits").glob("*.png")}
 
 
-def test_command_writes_metrics_and_a_rerun_paints_nothing(setup):
+@pytest.fixture(scope="module")
+def full_run(setup) -> tuple[Path, dict]:
+    """``python evaluate.py`` as a user runs it: all items, QS model given."""
     out = setup["root"] / "full"
     command = [sys.executable, str(REPO / "evaluate.py"), *setup["args"]]
     command += [f"qs_model={setup['qs']}", f"hydra.run.dir={out}"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads((out / "metrics.json").read_text())
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_command_writes_metrics_and_a_rerun_paints_nothing(setup, full_run):
+    out, report = full_run
     assert report["counts"] == {"items": ITEMS, "painted_this_run": ITEMS, "real_images": 8}
     assert all(math.isfinite(report["metrics"][k]) for k in ("fid_clip", "qs", "clip_score"))
     assert report["config"]["resolution"] == 64  # from the training run's config
@@ -111,12 +121,11 @@ def test_command_writes_metrics_and_a_rerun_paints_nothing(setup):
     for item in manifest["items"]:
         source = Image.open(out.parent / "bench" / item["source"])
         assert Image.open(out / "edits" / f"{item['id']}.png").size == source.size
-    assert Image.open(out / "grid.png").size[1] > 4 * 64
+    assert Image.open(out / "grid.png").size[1] > ITEMS * 64
     before = edit_files(out)
 
     # In-process this time, with W&B (offline): nothing repainted, the same numbers.
-    cfg = eval_config(out, *setup["args"], f"qs_model={setup['qs']}", "logger=wandb")
-    again = evaluate(cfg)
+    again = evaluate(eval_config(out, *setup["args"], f"qs_model={setup['qs']}", "logger=wandb"))
     assert again["counts"]["painted_this_run"] == 0
     assert edit_files(out) == before
     assert again["metrics"] == report["metrics"]
@@ -124,23 +133,23 @@ def test_command_writes_metrics_and_a_rerun_paints_nothing(setup):
     assert tables and len(json.loads(tables[0].read_text())["data"]) == ITEMS
 
 
-def test_an_interrupted_run_resumes_to_the_same_edits(setup):
-    root = setup["root"]
-    partial = evaluate(eval_config(root / "resumed", *setup["args"], "limit=3"))
+def test_an_interrupted_run_resumes_to_the_same_edits(setup, full_run):
+    out = setup["root"] / "resumed"
+    partial = evaluate(eval_config(out, *setup["args"], "limit=3"))  # chunk [2, 3) padded
     assert partial["counts"]["painted_this_run"] == 3
     assert partial["metrics"]["qs"] is None and "fit-qs" in partial["skipped"]["qs"]
-    first = edit_files(root / "resumed")
-    resumed = evaluate(eval_config(root / "resumed", *setup["args"]))
+    first = edit_files(out)
+    resumed = evaluate(eval_config(out, *setup["args"]))  # repaints chunk [2, 4) for item 3
     assert resumed["counts"]["painted_this_run"] == ITEMS - 3
-    fresh = evaluate(eval_config(root / "fresh", *setup["args"]))
-    assert fresh["metrics"] == resumed["metrics"]
-    finished = edit_files(root / "resumed")
-    assert {k: v[1] for k, v in finished.items()} == {
-        k: v[1] for k, v in edit_files(root / "fresh").items()
-    }
+    finished = edit_files(out)
     assert all(finished[name] == first[name] for name in first)  # never rewritten
+    # Per-item seeding: the same pixels as the uninterrupted run.
+    uninterrupted = edit_files(full_run[0])
+    assert {k: v[1] for k, v in finished.items()} == {k: v[1] for k, v in uninterrupted.items()}
+    for key in ("fid_clip", "clip_score"):
+        assert resumed["metrics"][key] == full_run[1]["metrics"][key]
     with pytest.raises(ValueError, match="other settings"):
-        evaluate(eval_config(root / "resumed", *setup["args"], "steps=3"))
+        evaluate(eval_config(out, *setup["args"], "steps=3"))
 
 
 def test_inception_fid_needs_torch_fidelity(setup):

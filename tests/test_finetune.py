@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -153,11 +154,24 @@ def test_finetune_trains_from_the_imported_weights(original, official_file, tiny
     assert not torch.equal(resumed.unet.conv_in.weight, original.unet.conv_in.weight)
 
 
+def test_finetune_experiment_is_the_paper_recipe_from_trained_weights(tiny_cfg):
+    cfg = tiny_cfg("experiment=finetune", "model.init_from=/w/pbe.ckpt")
+    model = cfg.model
+    assert model.optimizer.lr == 1e-5 and model.lr_scheduler.warmup_steps == 1000
+    assert model.backbone.path == "/w/pbe.ckpt"  # the architecture source, then overwritten
+    assert model.encoder.arch == "ViT-L-14-quickgelu" and model.encoder.mapper_depth == 5
+    assert cfg.data.resolution == 512 and cfg.trainer.strategy == "ddp"
+
+
 def test_unset_or_wrong_weights_are_named(official_file, fresh, tiny_cfg, tmp_path, cache_dir):
     with pytest.raises(ValueError, match="experiment=finetune needs .* model.init_from="):
         build_model(tiny_cfg("experiment=finetune").model)
-    with pytest.raises(FileNotFoundError, match=f"no weights at {tmp_path}/nope.ckpt"):
-        pretrained.init_weights(fresh, tmp_path / "nope.ckpt")
+    # Before the backbone (built from the same path) can blame model.backbone.path.
+    nope = tmp_path / "nope.ckpt"
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"no weights at {nope} (model.init_from)")
+    ):
+        build_model(tiny_cfg("experiment=finetune", f"model.init_from={nope}").model)
     with pytest.raises(FileNotFoundError, match="not a PaintByExamplePipeline folder"):
         pretrained.init_weights(fresh, tiny_sd_folder(cache_dir))
     sd_only = {

@@ -298,3 +298,16 @@ def test_maxsize_cuts_shards_by_estimated_bytes(tmp_path):
     items = [ms.Item(str(i), str(p), ((0, 0, 1, 1),), None, "t") for i, p in enumerate(files)]
     chunks = list(ms.plan_shards(items, maxcount=100, maxsize=25_000))
     assert [len(c) for c in chunks] == [2, 2]
+
+
+@pytest.mark.parametrize("source", ["openimages", "coco", "folder"])
+def test_converted_shards_train(source, request, tmp_path, tiny_cfg):
+    from pbe_lightning.train import train
+
+    out = tmp_path / f"shards-{source}"
+    manifest = run(request.getfixturevalue(source), out)
+    pattern = str(out / manifest["shards_pattern"])
+    metrics = train(
+        tiny_cfg(f'data.shards="{pattern}"', "trainer.max_steps=2", "data.max_upscale=8")
+    )
+    assert np.isfinite(metrics["train/loss"])

@@ -1,6 +1,5 @@
 """The training step on the real config tree with tiny overrides."""
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +8,7 @@ from omegaconf import open_dict
 
 from pbe_lightning.data.masks import EDIT, KEEP
 from pbe_lightning.models.build import build_model
+from tests.conftest import bare_trainer
 
 
 @pytest.fixture
@@ -86,15 +86,7 @@ def test_a_few_steps_change_exactly_the_trainable_weights(parts):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {id(p) for p in model.trainable_parameters()}
     names = {id(p): n for n, p in model.named_parameters()}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer(max_steps=3)
     trainer.fit(model, datamodule=datamodule)
     after = model.state_dict()
     frozen = [n for n in before if n.startswith(("vae.", "encoder.vision."))]

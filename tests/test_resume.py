@@ -2,14 +2,13 @@
 
 import random
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from pbe_lightning.callbacks.ema import EMA
 from pbe_lightning.models.build import build_model
-from tests.conftest import TINY, run_train
+from tests.conftest import TINY, bare_trainer, run_train
 
 RUN = [
     *[o for o in TINY if not o.startswith(("trainer.max_steps", "data.num_workers"))],
@@ -115,15 +114,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error(tiny_cfg):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     nan = torch.tensor(float("nan"), requires_grad=True)
     model.diffusion_loss = lambda *args, **kwargs: nan * 1
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=10,
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer(max_steps=10)
     with pytest.raises(
         RuntimeError, match="non-finite.*3 steps in a row.*model.max_nonfinite_steps"
     ):

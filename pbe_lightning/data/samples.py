@@ -92,8 +92,9 @@ class SampleSpec:
 class Encoded(bytes):
     """One sample's pixels, still to be produced on the device; bytes, so batches stay cheap.
 
-    ``kind == "jpeg"``: the record's JPEG file, to decode there, then show as EXIF
-    ``orientation`` says. ``kind == "pixels"``: a record the device decoder cannot take (PNG,
+    ``kind == "jpeg"``: the record's JPEG file, to decode there, show as EXIF ``orientation``
+    says, and cut ``crop`` and ``reference_box`` from (full displayed-image pixels, as in
+    ``CropGeometry``). ``kind == "pixels"``: a record the device decoder cannot take (PNG,
     WebP, CMYK, a JPEG with data after its end marker), decoded by the worker as usual and
     carried as the raw uint8 ``image`` then ``reference`` (CHW), so a batch never mixes forms.
 
@@ -101,15 +102,19 @@ class Encoded(bytes):
     different lengths cannot be stacked), and ``to`` returning ``self`` makes Lightning leave
     it on the host, where ``torchvision.io.decode_jpeg`` wants its input (it would otherwise
     copy each tensor to the GPU, or walk plain bytes one int at a time: ~0.2 s per 100 kB).
+    The boxes ride along as Python floats: slicing by them on the device then needs no sync.
     """
 
     kind: str = "jpeg"
     orientation: int = 1
+    crop: Box = (0.0, 0.0, 0.0, 0.0)
+    reference_box: Box = (0.0, 0.0, 0.0, 0.0)
 
     @classmethod
-    def jpeg(cls, data: bytes, orientation: int) -> Encoded:
+    def jpeg(cls, data: bytes, orientation: int, geometry: CropGeometry) -> Encoded:
         encoded = cls(data)
         encoded.orientation = orientation
+        encoded.crop, encoded.reference_box = geometry.crop, geometry.reference_box
         return encoded
 
     @classmethod
@@ -267,7 +272,7 @@ def make_sample(record: dict, spec: SampleSpec, rng: random.Random) -> dict:
 
     Raises SkipSample with the first reason found, cheapest checks first: json, image header,
     size, boxes against the image, then decoding. With ``spec.decode_on_device`` the sample
-    holds ``encoded``, ``crop_px`` and ``reference_px`` instead of the two images.
+    holds ``encoded`` (an ``Encoded``) instead of the two images.
     """
     image_key = next((k for k in IMAGE_KEYS if k in record), None)
     raw = record.get(image_key) if image_key else None
@@ -284,17 +289,10 @@ def make_sample(record: dict, spec: SampleSpec, rng: random.Random) -> dict:
         "mask_box": torch.tensor(geometry.in_crop(geometry.mask_box), dtype=torch.float32),
     }
     if spec.decode_on_device and device_decodable(image, raw):
-        return {
-            "encoded": Encoded.jpeg(raw, turn),
-            "crop_px": torch.tensor(geometry.crop, dtype=torch.float32),
-            "reference_px": torch.tensor(geometry.reference_box, dtype=torch.float32),
-            **in_crop,
-        }
+        return {"encoded": Encoded.jpeg(raw, turn, geometry), **in_crop}
     pixels = _decode_crops(image, geometry, spec, turn)
     if spec.decode_on_device:
-        unused = torch.zeros(4, dtype=torch.float32)
-        encoded = Encoded.pixels(pixels["image"], pixels["reference"])
-        return {"encoded": encoded, "crop_px": unused, "reference_px": unused, **in_crop}
+        return {"encoded": Encoded.pixels(pixels["image"], pixels["reference"]), **in_crop}
     return {**pixels, **in_crop}
 
 

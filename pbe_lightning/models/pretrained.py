@@ -73,10 +73,17 @@ IGNORED_CLIP_KEYS = {"embeddings.position_ids"}
 
 
 def init_source(cfg: DictConfig) -> str | None:
-    """``model.init_from``; experiment=finetune marks it required (``???``)."""
+    """``model.init_from``, checked before anything loads; experiment=finetune requires it.
+
+    Checked here because experiment=finetune also builds the backbone from it, whose own
+    error would point at model.backbone.path instead.
+    """
     if OmegaConf.is_missing(cfg, "init_from"):
         raise ValueError(f"experiment=finetune needs the weights to start from: {FIX}")
-    return cfg.get("init_from")
+    path = cfg.get("init_from")
+    if path and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"no weights at {path} (model.init_from): {FIX}")
+    return path
 
 
 def init_weights(module: PaintByExampleModule, path: str | Path) -> None:
@@ -145,13 +152,12 @@ def _from_official_file(file: Path, module: PaintByExampleModule) -> Tensors:
         ) from None
     clip = _strip(state, CLIP_PREFIX)
     clip = _strip(clip, "vision_model.") or clip  # transformers 5 saves CLIPVisionModel flat
-    head = {ours: state[theirs] for theirs, ours in _head_keys(state)}
     return {
         **_prefixed("unet.", unet),
         **_prefixed("vae.", vae),
         **_prefixed("encoder.vision.", vision_from_transformers(clip, module, file)),
         **_prefixed("encoder.mapper.blocks.", mapper_from_official(_strip(state, MAPPER_PREFIX))),
-        **_prefixed("encoder.", head),
+        **_prefixed("encoder.", _renamed(state, HEAD_RENAMES)),
     }
 
 
@@ -164,13 +170,6 @@ def _read(file: Path) -> Tensors:
             "loaded (torch.load weights_only=True): re-save its 'state_dict' as .safetensors "
             f"where you trust the file ({str(error).splitlines()[0]})"
         ) from None
-
-
-def _head_keys(state: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
-    pairs = []
-    for theirs, ours in HEAD_RENAMES.items():
-        pairs += [(k, ours + k[len(theirs) :]) for k in state if k.startswith(theirs)]
-    return pairs
 
 
 def mapper_from_official(state: Mapping[str, torch.Tensor]) -> Tensors:
@@ -277,12 +276,7 @@ def to_official_layout(module: PaintByExampleModule) -> Tensors:
     check_tower(encoder.vision)
     state = encoder.state_dict()
     clip = convert_vision(_strip(state, "vision."), len(encoder.vision.transformer.resblocks))
-    head = {
-        theirs + k[len(ours) :]: v
-        for theirs, ours in HEAD_RENAMES.items()
-        for k, v in state.items()
-        if k.startswith(ours)
-    }
+    head = _renamed(state, {ours: theirs for theirs, ours in HEAD_RENAMES.items()})
     return {
         **unet_to_ldm(module.unet.state_dict(), module.unet.config),
         **vae_to_ldm(module.vae.state_dict(), module.vae.config),
@@ -298,3 +292,13 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> Tensors:
 
 def _prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> Tensors:
     return {prefix + k: v for k, v in state.items()}
+
+
+def _renamed(state: Mapping[str, torch.Tensor], prefixes: Mapping[str, str]) -> Tensors:
+    """The tensors under the ``prefixes`` keys, those prefixes replaced by their values."""
+    return {
+        new + k[len(old) :]: v
+        for old, new in prefixes.items()
+        for k, v in state.items()
+        if k.startswith(old)
+    }

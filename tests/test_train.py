@@ -188,3 +188,10 @@ def test_bf16_mixed_with_accumulation_and_clipping_trains(tiny_cfg):
         cfg.paths.output_dir + "/checkpoints/last.ckpt", map_location="cpu", weights_only=False
     )
     assert checkpoint["global_step"] == 4  # optimiser steps: 8 batches accumulated in pairs
+
+
+def test_a_resolution_the_model_cannot_use_names_the_fix(tiny_cfg):
+    with pytest.raises(
+        ValueError, match=r"data.resolution=60 is not a multiple of 16.*data.resolution=48"
+    ):
+        train(tiny_cfg("data.resolution=60"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import SchedulerMixin
 from torch.optim import Optimizer
 
-from pbe_lightning.models.backbone import Backbone
+from pbe_lightning.models.backbone import Backbone, vae_downscale
 from pbe_lightning.models.encoder import ExemplarEncoder
 from pbe_lightning.models.sampler import encode_latents, make_sampler, paint
 
@@ -86,6 +86,20 @@ class PaintByExampleModule(L.LightningModule):
             return
         policy = ModuleWrapPolicy({BasicTransformerBlock, ResnetBlock2D})
         self.unet = wrap(self.unet, auto_wrap_policy=policy, use_orig_params=True)
+
+    def pixel_multiple(self) -> int:
+        """Image sides must divide by this: the VAE's downscale times the UNet's."""
+        return vae_downscale(self.vae) * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def on_fit_start(self) -> None:
+        # A resolution the VAE + UNet cannot halve evenly fails deep inside a conv otherwise.
+        resolution = getattr(getattr(self.trainer.datamodule, "spec", None), "resolution", None)
+        multiple = self.pixel_multiple()
+        if resolution is not None and resolution % multiple:
+            raise ValueError(
+                f"data.resolution={resolution} is not a multiple of {multiple}, which this VAE "
+                f"and UNet need: use e.g. data.resolution={max(multiple, resolution // multiple * multiple)}"
+            )
 
     # -- frozen parts stay frozen ---------------------------------------------------------
     def train(self, mode: bool = True) -> PaintByExampleModule:

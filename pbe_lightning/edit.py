@@ -30,7 +30,6 @@ from PIL import Image, ImageFilter, ImageOps
 
 from pbe_lightning.data.masks import mask_from_user_image
 from pbe_lightning.metrics import Box, load_image, mask_bounding_box
-from pbe_lightning.models.backbone import vae_downscale
 from pbe_lightning.models.build import load_trained
 from pbe_lightning.models.module import PaintByExampleModule
 from pbe_lightning.models.sampler import SAMPLERS
@@ -41,10 +40,9 @@ DEFAULT_RESOLUTION = 512
 
 # --- model ------------------------------------------------------------------------------------
 def training_resolution(ckpt_path: str | Path) -> int:
-    """The resolution the checkpoint's run trained at, else 512.
-
-    Checkpoints carry only the model config; train.py writes the whole resolved config as
-    ``config_resolved.yaml`` in the run folder that holds ``checkpoints/``.
+    """The resolution the checkpoint's run trained at, else 512, for checkpoints that do not
+    record it (``pbe_resolution``): read from the ``config_resolved.yaml`` that train.py writes
+    in the run folder holding ``checkpoints/``.
     """
     config = Path(ckpt_path).resolve().parent.parent / "config_resolved.yaml"
     if config.is_file():
@@ -67,10 +65,9 @@ def load_editor(
     """The trained module on ``device`` and the (checked) square size it paints at."""
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt_path}")
-    resolution = resolution or training_resolution(ckpt_path)
     module = load_trained(str(ckpt_path)).to(device)
-    # The VAE halves the size per level and the UNet again per down block.
-    multiple = vae_downscale(module.vae) * 2 ** (len(module.unet.config.block_out_channels) - 1)
+    resolution = resolution or module.training_resolution or training_resolution(ckpt_path)
+    multiple = module.pixel_multiple()
     if resolution % multiple:
         raise ValueError(f"resolution={resolution} must be a multiple of {multiple} for this model")
     return module, resolution

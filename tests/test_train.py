@@ -22,6 +22,7 @@ def test_resume_restores_global_step_and_optimizer_state(tiny_cfg, tmp_path):
     # Frozen weights are reloaded from the weight files, not stored in every checkpoint.
     assert not any(k.startswith(("vae.", "encoder.vision.")) for k in saved["state_dict"])
     assert saved["pbe_model_config"]["cfg_dropout"] == 0.2
+    assert saved["pbe_resolution"] == 64  # inference paints at the training resolution
 
     from pbe_lightning.models import build
 

@@ -60,6 +60,7 @@ class PaintByExampleModule(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.training_resolution: int | None = None  # saved with checkpoints, for inference
         # Kept so a checkpoint alone can rebuild the model (export, edit, evaluate).
         self.model_config = model_config
         if gradient_checkpointing:
@@ -94,6 +95,7 @@ class PaintByExampleModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # A resolution the VAE + UNet cannot halve evenly fails deep inside a conv otherwise.
         resolution = getattr(getattr(self.trainer.datamodule, "spec", None), "resolution", None)
+        self.training_resolution = resolution
         multiple = self.pixel_multiple()
         if resolution is not None and resolution % multiple:
             raise ValueError(
@@ -238,8 +240,10 @@ class PaintByExampleModule(L.LightningModule):
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
         checkpoint["pbe_model_config"] = self.model_config
+        checkpoint["pbe_resolution"] = self.training_resolution
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.training_resolution = checkpoint.get("pbe_resolution")
         own = self.state_dict()
         checkpoint["state_dict"].update(
             {k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)}

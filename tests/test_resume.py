@@ -86,7 +86,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, cache_d
 def test_ema_averages_only_taken_steps_and_round_trips(tiny_cfg):
     model = build_model(tiny_cfg().model)
     ema = EMA(decay=0.5)
-    trainer = type("T", (), {"global_step": 1, "sanity_checking": False})()
+    trainer = type("T", (), {"global_step": 1, "sanity_checking": False, "strategy": None})()
     ema.on_fit_start(trainer, model)
     start = {n: t.clone() for n, t in ema.shadow.items()}
     with torch.no_grad():

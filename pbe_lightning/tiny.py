@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from pbe_lightning.cache import generate_once
 from pbe_lightning.models.backbone import Backbone, load_backbone
 from pbe_lightning.models.encoder import Bottleneck, ExemplarEncoder, build_exemplar_encoder
 
@@ -51,28 +50,6 @@ TINY_CLIP = {
 }
 
 
-def _generate_once(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` and rename tmp to ``folder``; concurrent ranks cannot collide."""
-    if (folder / ".complete").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # Seeded generation must not move the caller's RNG: a run that generates the cache and
-    # one that finds it must train identically.
-    with torch.random.fork_rng():
-        write(tmp)
-    (tmp / ".complete").touch()
-    try:
-        tmp.rename(folder)
-    except OSError:  # another rank finished first with identical content
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not (folder / ".complete").is_file():
-        raise RuntimeError(f"{folder} exists but is incomplete: delete it and run again")
-    return folder
-
-
 def write_tiny_sd(folder: Path, seed: int = 0) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -98,11 +75,11 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> None:
 
 
 def tiny_sd_folder(cache_dir: str | os.PathLike) -> Path:
-    return _generate_once(Path(cache_dir) / "tiny" / "sd", write_tiny_sd)
+    return generate_once(Path(cache_dir) / "tiny" / "sd", write_tiny_sd)
 
 
 def tiny_clip_folder(cache_dir: str | os.PathLike) -> Path:
-    return _generate_once(Path(cache_dir) / "tiny" / "clip", write_tiny_clip)
+    return generate_once(Path(cache_dir) / "tiny" / "clip", write_tiny_clip)
 
 
 def tiny_backbone(cache_dir: str) -> Backbone:

@@ -34,7 +34,9 @@ class EMA(L.Callback):
 
         if isinstance(trainer.strategy, FSDPStrategy):
             # Each rank holds only shards of the UNet: a per-rank average would be partial.
-            raise ValueError("callbacks=ema does not support trainer=fsdp yet: use trainer=ddp with EMA")
+            raise ValueError(
+                "callbacks=ema does not support trainer=fsdp yet: use trainer=ddp with EMA"
+            )
         if not self.shadow:  # a resumed run already has its shadow from the checkpoint
             self.shadow = {n: p.detach().clone() for n, p in self.tracked(pl_module).items()}
         self.shadow = {n: t.to(pl_module.device) for n, t in self.shadow.items()}

@@ -10,14 +10,16 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-DEMO_VERSION = 1
+from pbe_lightning.cache import generate_once
+
+DEMO_VERSION = 2  # v2: completion marked by .complete (generate_once)
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring")
 
 
@@ -34,32 +36,27 @@ def ensure_demo_dataset(
 ) -> Path:
     """Generate the demo shards under ``root`` unless a complete copy is already there.
 
-    Written to a temporary folder and renamed at the end, so concurrent DDP ranks or an
-    interrupted run never leave a half-written dataset behind.
+    Written atomically (``generate_once``), so concurrent DDP ranks or an interrupted run
+    never leave a half-written dataset behind.
     """
-    root = Path(root)
-    if (root / "manifest.json").is_file():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    return generate_once(
+        Path(root),
+        partial(write_demo_shards, samples=samples, per_shard=per_shard, size=size, seed=seed),
+    )
+
+
+def write_demo_shards(folder: Path, samples: int, per_shard: int, size: int, seed: int) -> None:
     counts = []
     for shard in range((samples + per_shard - 1) // per_shard):
         first = shard * per_shard
         indices = range(first, min(samples, first + per_shard))
-        with wds.TarWriter(str(tmp / f"train-{shard:06d}.tar")) as sink:
+        with wds.TarWriter(str(folder / f"train-{shard:06d}.tar")) as sink:
             for index in indices:
                 image, boxes = demo_scene(np.random.default_rng([seed, index]), size)
                 sink.write({"__key__": f"demo{index:07d}", "jpg": jpeg_bytes(image), "json": boxes})
         counts.append(len(indices))
     manifest = {"version": DEMO_VERSION, "seed": seed, "size": size, "samples": counts}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    try:
-        tmp.rename(root)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def jpeg_bytes(image: Image.Image) -> bytes:

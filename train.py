@@ -8,15 +8,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import pbe_lightning.resolvers  # noqa: F401  (${pbe.*}: Hydra resolves the run folder first)
 from pbe_lightning.cli import quote_brace_patterns
-from pbe_lightning.train import train
+from pbe_lightning.shutdown import SHUTDOWN
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from pbe_lightning.train import train  # after SHUTDOWN.install(): torch loads for seconds
+
     train(cfg)
 
 
 if __name__ == "__main__":
+    # First, so that a scheduler's signal during the imports is kept rather than fatal.
+    SHUTDOWN.install()
     sys.argv = quote_brace_patterns(sys.argv)
     main()

@@ -64,7 +64,10 @@ def sweep_group() -> str | None:
 
 
 def run_id() -> str | None:
-    """The launcher's job id: every node of one job then writes into one run folder."""
+    """The launcher's job id: every node of one job then writes into one run folder, and a
+    requeued or restarted job (same id) finds its own checkpoints there."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if os.environ.get("SLURM_JOB_ID"):
         return "slurm-" + os.environ["SLURM_JOB_ID"]
     if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
@@ -77,6 +80,12 @@ def run_stamp() -> str:
     return run_id() or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def resume_under_scheduler() -> str | None:
+    """Default ``ckpt_path``: ``last`` when SLURM or torchrun started us, since a requeued or
+    restarted job runs the same command in the same run folder; nothing for a local run."""
+    return "last" if run_id() else None
+
+
 def register() -> None:
     for name, function in {
         "pbe.nodes": launcher_nodes,
@@ -85,6 +94,7 @@ def register() -> None:
         "pbe.run_name": run_name,
         "pbe.sweep_group": sweep_group,
         "pbe.run_stamp": run_stamp,
+        "pbe.resume_under_scheduler": resume_under_scheduler,
     }.items():
         # Cached: a folder name must not change between two reads in one process.
         OmegaConf.register_new_resolver(

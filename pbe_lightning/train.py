@@ -13,7 +13,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import pbe_lightning.resolvers  # noqa: F401  (registers ${pbe.*} for the trainer configs)
+from pbe_lightning.checkpoints import (
+    AtomicCheckpointIO,
+    check_same_architecture,
+    newest_readable,
+    remove_stale_writes,
+)
+from pbe_lightning.loggers import keep_one_wandb_run
 from pbe_lightning.models.build import build_model, instantiate
+from pbe_lightning.shutdown import EXIT_STALLED, SHUTDOWN, StalledShutdown
+from pbe_lightning.slurm import cluster_plugins, requeue_job
 
 log = logging.getLogger(__name__)
 # The frozen VAE and CLIP tower are in eval mode on purpose; Lightning warns about it.
@@ -39,10 +48,12 @@ def save_resolved_config(cfg: DictConfig, loggers: list[Logger]) -> None:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` means this run folder's ``checkpoints/last.ckpt``, if there is one.
+    """``ckpt_path=last``: this run folder's newest readable checkpoint, if there is one.
 
     A job restarted by a scheduler runs the same command; on its first start there is no
-    checkpoint yet, and that must start fresh rather than fail.
+    checkpoint yet, and that must start fresh rather than fail. An unreadable ``last.ckpt``
+    (copied half-way, a full disk) falls back to the newest readable one instead of failing
+    on every requeue.
     """
     path = cfg.get("ckpt_path")
     if path != "last":
@@ -51,12 +62,28 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
                 f"ckpt_path={path} does not exist: pass an existing checkpoint or ckpt_path=last"
             )
         return path
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("resuming from %s", last)
-        return str(last)
-    log.info("ckpt_path=last but %s does not exist yet: starting fresh", last)
-    return None
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    found = newest_readable(folder)
+    if found is None:
+        log.info("ckpt_path=last but %s holds no checkpoint yet: starting fresh", folder)
+        return None
+    log.info("resuming from %s", found)
+    return str(found)
+
+
+@rank_zero_only
+def tidy_checkpoint_folder(cfg: DictConfig) -> None:
+    remove_stale_writes(Path(cfg.paths.output_dir) / "checkpoints")
+
+
+def make_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
+    return instantiate(
+        cfg.trainer,
+        callbacks=instantiate_each(cfg.get("callbacks")),
+        logger=loggers or False,
+        plugins=[*plugins, AtomicCheckpointIO(), *cluster_plugins()],
+    )
 
 
 @rank_zero_only
@@ -71,22 +98,62 @@ def finish_loggers(loggers: list[Logger]) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build data, model, callbacks, loggers and trainer from ``cfg``; fit; return metrics."""
+    """Build data, model, callbacks, loggers and trainer from ``cfg``; fit; return metrics.
+
+    A shutdown signal (``pbe_lightning/shutdown.py``) ends the fit after saving ``last.ckpt``;
+    this returns normally then, so the process exits 0, and the job is requeued if the
+    signal was the scheduler's requeue signal.
+    """
+    if SHUTDOWN.saved:  # a multirun's next job, after Ctrl-C or a scheduler's signal
+        log.warning("not starting %s: %s was received", cfg.paths.output_dir, SHUTDOWN.signal_name)
+        return {}
+    if not SHUTDOWN.requested:  # one received during start-up stops the first step
+        SHUTDOWN.reset()
+    replaced = SHUTDOWN.install()  # nothing when train.py already did, at start-up
+    try:
+        return fit(cfg)
+    finally:
+        SHUTDOWN.restore(replaced)
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """The body of ``train``, with shutdown signals handled."""
     L.seed_everything(cfg.seed, workers=True)
     # Data first: a wrong shard path fails in milliseconds, before any weights load.
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    ckpt_path = resolve_ckpt_path(cfg)
     model = build_model(cfg.model)
+    if ckpt_path:
+        check_same_architecture(
+            Path(ckpt_path),
+            model.architecture(datamodule.spec.resolution),
+            cfg.get("allow_architecture_change", False),
+        )
+    tidy_checkpoint_folder(cfg)
+    keep_one_wandb_run(cfg)
     loggers = instantiate_each(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_each(cfg.get("callbacks")), logger=loggers or False
-    )
+    trainer = make_trainer(cfg, loggers)
     save_resolved_config(cfg, loggers)
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
-    finally:
+
+    def wrap_up() -> None:
         finish_loggers(loggers)
+        if SHUTDOWN.requeue_wanted and trainer.is_global_zero and requeue_job():
+            # Not a finished job: the submitit launcher must not record a result for it.
+            raise SystemExit(0)
+
+    SHUTDOWN.after_save = [wrap_up]  # a shutdown that waited for data ends in the callback
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except StalledShutdown:
+        # Several ranks: this one cannot join the others' collectives to save its state.
+        SHUTDOWN.exit_now(EXIT_STALLED)
+    except BaseException:
+        finish_loggers(loggers)
+        raise
+    SHUTDOWN.finished.set()
+    wrap_up()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished in %s: %s", os.path.abspath(cfg.paths.output_dir), metrics)
     return metrics

@@ -41,3 +41,53 @@ class SignalAt(L.Callback):
 
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signals, self.signal))
+
+
+class Pace(L.Callback):
+    """Makes each training step last at least ``seconds`` and writes the step reached to
+    ``{dirpath}/step``: a test can then signal the run from outside at a chosen step, the
+    way a scheduler would, without touching the weights."""
+
+    def __init__(self, dirpath: str, seconds: float = 0.2) -> None:
+        self.path = Path(dirpath) / "step"
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(str(trainer.global_step))
+
+
+class Ballast(L.Callback):
+    """Adds ``megabytes`` of incompressible state to every checkpoint, so that a write takes
+    long enough for a test to kill the process in the middle of it (as a big model's does)."""
+
+    def __init__(self, megabytes: int) -> None:
+        import torch
+
+        generator = torch.Generator().manual_seed(0)
+        self.ballast = torch.randint(
+            0, 256, (megabytes << 20,), dtype=torch.uint8, generator=generator
+        )
+
+    def state_dict(self) -> dict:
+        return {"ballast": self.ballast}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class HangAt(L.Callback):
+    """At ``step``, the step in flight never finishes (a hung collective, as far as the
+    process can tell): signals are handled, but the step does not return."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        while trainer.global_step == self.step:
+            time.sleep(1)

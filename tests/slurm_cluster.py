@@ -28,10 +28,11 @@ def _write_conf(root: Path, host: str) -> Path:
     conf = root / "slurm.conf"
     conf.write_text(
         f"""ClusterName=pbe
+# cred_expire: also how long a requeued job waits before it restarts (default 120 s)
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket.2
+AuthInfo=socket={root}/munge/munge.socket.2,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -91,12 +92,29 @@ def slurm_cluster(root: Path):
         _wait_for_idle_node(env)
         yield env
     finally:
+        _cancel_all_jobs(env)  # a failed test's job must not outlive its cluster
         for pid_file in [
             root / "run/slurmd.pid",
             root / "run/slurmctld.pid",
             root / "munge/munged.pid",
         ]:
             _stop(pid_file)
+
+
+def _cancel_all_jobs(env: dict, timeout: float = 30) -> None:
+    jobs = subprocess.run(
+        ["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True
+    ).stdout.split()
+    if not jobs:
+        return
+    subprocess.run(["scancel", "--signal=KILL", "--full", *jobs], env=env, capture_output=True)
+    subprocess.run(["scancel", *jobs], env=env, capture_output=True)
+    deadline = time.time() + timeout
+    while (
+        time.time() < deadline
+        and subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip()
+    ):
+        time.sleep(0.5)
 
 
 def _wait_for_idle_node(env: dict, timeout: float = 30) -> None:
@@ -132,3 +150,11 @@ def wait_for_job(job_id: str, env: dict, timeout: float) -> str:
         ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True
     ).stdout
     return next((w.split("=")[1] for w in info.split() if w.startswith("JobState=")), "UNKNOWN")
+
+
+def job_field(job_id: str, env: dict, field: str) -> str:
+    """One ``Key=Value`` field of ``scontrol show job`` (e.g. JobState, Restarts)."""
+    info = subprocess.run(
+        ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True
+    ).stdout
+    return next((w.split("=", 1)[1] for w in info.split() if w.startswith(f"{field}=")), "")

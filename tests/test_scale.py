@@ -2,25 +2,18 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY, run_train
+from tests.conftest import REPO, TINY, free_port, kill_group, run_train
 
 SMALL = [o for o in TINY if not o.startswith("logger")] + [
     "trainer.max_steps=3",
     "data.batches_per_epoch=3",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -59,10 +52,15 @@ def test_two_nodes_on_localhost_with_torchrun_share_one_run_dir(tmp_path, cache_
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
 
     nodes = [node(0), node(1)]
-    outputs = [p.communicate(timeout=240)[0] for p in nodes]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in nodes]
+    finally:
+        for process in nodes:  # a hung rank must not outlive the test
+            kill_group(process)
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     records = [json.loads((counts / f"batches_rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]

@@ -1,13 +1,16 @@
-"""A real sbatch job on a loopback SLURM cluster: the README's script, on CPU, 2 tasks."""
+"""Real sbatch jobs on a loopback SLURM cluster: the README's script, DDP, requeues."""
 
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import REPO, TINY
-from tests.slurm_cluster import missing_binaries, slurm_cluster, wait_for_job
+from tests.conftest import REPO, TINY, finish, kill_group, run_train, start_train
+from tests.slurm_cluster import job_field, missing_binaries, slurm_cluster, wait_for_job
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,3 +59,159 @@ srun {sys.executable} {REPO}/train.py {args}
     assert runs == [f"slurm-{job_id}"], runs  # both tasks wrote into the job's folder
     assert (tmp_path / "outputs" / "train" / runs[0] / "checkpoints" / "last.ckpt").is_file()
     assert "SLURM" in log or "world_size" in log or "distributed" in log.lower()
+
+
+# -- preemption and time limits: requeued by the scheduler, resumed exactly ----------------
+
+REQUEUED = [
+    *[o for o in TINY if not o.startswith(("trainer.max_steps", "data.num_workers", "logger"))],
+    "data.num_workers=2",
+    "data.batches_per_epoch=5",
+    "trainer.deterministic=true",
+    "callbacks.checkpoint.every_n_train_steps=1000",
+    "logger=wandb",
+    "logger.wandb.offline=true",
+]
+
+
+def requeue_script(tmp_path: Path, cache_dir: Path, args: list[str], sbatch: str) -> Path:
+    """The README's sbatch script, with the README's requeue signal, on one CPU task."""
+    script = tmp_path / "train.sbatch"
+    quoted = " ".join(f"'{a}'" for a in args)
+    script.write_text(
+        f"""#!/bin/bash
+#SBATCH --nodes=1 --ntasks-per-node=1 --cpus-per-task=2 --requeue --open-mode=append
+#SBATCH --output={tmp_path}/slurm-%j.out {sbatch}
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline PBE_CACHE_DIR={cache_dir} PYTHONPATH={REPO}
+cd {tmp_path}
+srun {sys.executable} {REPO}/train.py {quoted}
+"""
+    )
+    return script
+
+
+def submit(script: Path, env: dict) -> str:
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True, check=True
+    )
+    return submitted.stdout.strip().split(";")[0]
+
+
+def reached_step(run_dir: Path) -> int:
+    try:
+        return int((run_dir / "step").read_text())
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def log_of(tmp_path: Path, job_id: str) -> str:
+    path = tmp_path / f"slurm-{job_id}.out"
+    return path.read_text()[-4000:] if path.is_file() else "(no job output)"
+
+
+def assert_resumed_exactly(tmp_path: Path, job_id: str, env: dict, reference: dict) -> None:
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert job_field(job_id, env, "JobState") == "COMPLETED", log[-4000:]
+    assert int(job_field(job_id, env, "Restarts") or 0) >= 1, log[-4000:]  # requeued by SLURM
+    run_dir = tmp_path / "outputs" / "train" / f"slurm-{job_id}"
+    assert "requeueing the job" in log and "resuming from" in log
+    final = torch.load(
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert final["global_step"] == reference["global_step"]
+    for key, tensor in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], tensor), key
+    run_id = (run_dir / "wandb_run_id").read_text().strip()  # one W&B run across requeues
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) >= 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+
+
+def uninterrupted(tmp_path: Path, cache_dir: Path, args: list[str]) -> dict:
+    run_dir = tmp_path / "uninterrupted"
+    assert run_train([*args, f"hydra.run.dir={run_dir}"], tmp_path, cache_dir).returncode == 0
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_a_job_preempted_with_scancel_signal_is_requeued_and_resumes_exactly(tmp_path, cache_dir):
+    args = [*REQUEUED, "trainer.max_steps=12"]
+    reference = uninterrupted(tmp_path, cache_dir, args)
+    pace = [
+        "+callbacks.pace._target_=tests.helpers.Pace",
+        "+callbacks.pace.dirpath=${paths.output_dir}",
+    ]
+    script = requeue_script(tmp_path, cache_dir, [*args, *pace], "")
+    with slurm_cluster(tmp_path / "cluster") as env:
+        job_id = submit(script, env)
+        run_dir = tmp_path / "outputs" / "train" / f"slurm-{job_id}"
+        deadline = time.time() + 180
+        while reached_step(run_dir) < 4 and time.time() < deadline:
+            state = job_field(job_id, env, "JobState")
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), log_of(tmp_path, job_id)
+            time.sleep(0.1)
+        assert reached_step(run_dir) >= 4, "the job never trained"
+        # What a preempting scheduler or an operator sends: the requeue signal, to every step.
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
+        wait_for_job(job_id, env, timeout=300)
+        assert_resumed_exactly(tmp_path, job_id, env, reference)
+
+
+def test_a_job_that_reaches_its_time_limit_is_requeued_and_resumes_exactly(tmp_path, cache_dir):
+    # slurmctld checks time limits every 30 s and sends the warning signal up to 30 s before
+    # it was asked for: USR2@60 on a 2-minute limit arrives 30-60 s after the start, while
+    # this ~70 s run trains. The requeued run gets its own warning, so it may take 3 runs.
+    args = [*REQUEUED, "trainer.max_steps=90"]
+    reference = uninterrupted(tmp_path, cache_dir, args)
+    pace = [
+        "+callbacks.pace._target_=tests.helpers.Pace",
+        "+callbacks.pace.dirpath=${paths.output_dir}",
+        "+callbacks.pace.seconds=0.5",
+    ]
+    script = requeue_script(tmp_path, cache_dir, [*args, *pace], "--time=2 --signal=USR2@60")
+    with slurm_cluster(tmp_path / "cluster") as env:
+        job_id = submit(script, env)
+        wait_for_job(job_id, env, timeout=600)
+        assert_resumed_exactly(tmp_path, job_id, env, reference)
+
+
+def test_a_submitit_launcher_job_preempted_with_its_signal_resumes_exactly(tmp_path, cache_dir):
+    args = [*REQUEUED, "trainer.max_steps=12"]
+    reference = uninterrupted(tmp_path, cache_dir, args)
+    launcher = [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=debug",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.tasks_per_node=1",
+        "hydra.launcher.cpus_per_task=2",
+        "hydra.launcher.timeout_min=10",
+        "+callbacks.pace._target_=tests.helpers.Pace",
+        "+callbacks.pace.dirpath=${paths.output_dir}",
+    ]
+    with slurm_cluster(tmp_path / "cluster") as env:
+        sweep = start_train(
+            ["-m", *args, *launcher], tmp_path, cache_dir, SLURM_CONF=env["SLURM_CONF"]
+        )
+        try:
+            deadline = time.time() + 180
+            runs: list[Path] = []
+            while not runs and time.time() < deadline:  # multirun/train/<sweep>/0
+                runs = [
+                    r for r in (tmp_path / "multirun").glob("train/*/0") if reached_step(r) >= 4
+                ]
+                time.sleep(0.2)
+            assert runs, f"the submitted job never trained (launcher rc {sweep.poll()})"
+            job_id = subprocess.run(
+                ["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True
+            ).stdout.split()[0]  # the sweep's one array task, "<array job>_0"
+            # What submitit asks SLURM for before the time limit, sent now by hand.
+            subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
+            result = finish(sweep, timeout=300)  # the launcher waits for the job's result
+        finally:
+            kill_group(sweep)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert int(job_field(job_id, env, "Restarts") or 0) >= 1
+    final = torch.load(
+        runs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert final["global_step"] == reference["global_step"]
+    for key, tensor in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], tensor), key

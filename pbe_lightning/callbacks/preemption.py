@@ -1,10 +1,14 @@
-"""SIGTERM / SIGUSR1: save a checkpoint at the end of the current step and exit cleanly.
+"""Preemption: on a shutdown signal, save ``last.ckpt`` at the step boundary and stop.
 
-Clusters announce preemption with a signal; training stops at a step boundary (never mid-
-update), writes ``last.ckpt`` and returns, so ``ckpt_path=last`` continues exactly. Ranks
-agree on the decision each step, so a signal seen by one rank stops all of them together.
-Under SLURM with auto-requeue, Lightning's own SIGUSR1 handling (save + requeue) stays in
-charge of SIGUSR1; this callback then only handles SIGTERM.
+The signals themselves are caught by ``pbe_lightning.shutdown`` (any process, any moment);
+this callback decides *when* to act: after the step in flight (never mid-update), on every
+rank at the same step (the decision is all-reduced), then ``last.ckpt`` and a clean stop, so
+``ckpt_path=last`` continues exactly. If the signal was the SLURM requeue signal, the job is
+requeued once everything is written (see ``train.py``).
+
+Lightning's SLURM handler saves ``hpc_ckpt_*.ckpt`` from inside the signal handler, mid-step,
+and requeues before the loggers close; its SIGTERM handler kills DDP children from the
+handler. This callback replaces both (``train.py`` turns Lightning's auto-requeue off).
 """
 
 from __future__ import annotations
@@ -16,39 +20,61 @@ from pathlib import Path
 
 import lightning as L
 
+from pbe_lightning.shutdown import SHUTDOWN, StalledShutdown, kill_loader_workers
+
 log = logging.getLogger(__name__)
 
 
 class Preemption(L.Callback):
-    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(
+        self, dirpath: str, grace_period_s: float = 60.0, requeue_signal: str = "SIGUSR2"
+    ) -> None:
         self.dirpath = Path(dirpath)
-        self.signals = signals
-        self._received: str | None = None
-        self._previous: dict = {}
+        self.grace_period_s = grace_period_s
+        self.requeue_signal = signal.Signals[requeue_signal].name  # fails early on a typo
 
-    def _handle(self, signum, frame) -> None:
-        self._received = signal.Signals(signum).name
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        SHUTDOWN.grace_period_s = self.grace_period_s
+        SHUTDOWN.install()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        under_slurm = "SLURM_JOB_ID" in os.environ
-        for name in self.signals:
-            if name == "SIGUSR1" and under_slurm:
-                continue
-            signum = getattr(signal, name)
-            self._previous[signum] = signal.signal(signum, self._handle)
+        # Lightning registered its own SIGTERM handler just before this hook: take them back.
+        SHUTDOWN.install()
+        SHUTDOWN.waiting_for_data = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        SHUTDOWN.waiting_for_data = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = trainer.strategy.reduce_boolean_decision(self._received is not None, all=False)
-        if not stop:
-            return
+        if trainer.strategy.reduce_boolean_decision(SHUTDOWN.requested, all=False):
+            self._save_and_stop(trainer)
+        else:
+            SHUTDOWN.waiting_for_data = True
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        SHUTDOWN.waiting_for_data = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        SHUTDOWN.waiting_for_data = trainer.training
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # The main thread waited for data past the grace period: the model and the stream
+        # position are those of the last completed step. With several ranks the others sit
+        # in a collective we cannot join, so only a single process saves here.
+        if isinstance(exception, StalledShutdown) and trainer.world_size == 1:
+            self._save_and_stop(trainer)
+            # Lightning's teardown would wait on the stuck reader: close up and leave now.
+            kill_loader_workers()
+            SHUTDOWN.exit_now(0)
+
+    def _save_and_stop(self, trainer: L.Trainer) -> None:
+        SHUTDOWN.waiting_for_data = False
+        name = trainer.strategy.broadcast(SHUTDOWN.signal_name or "a signal on another rank")
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
-        log.warning(
-            "received %s: saved %s at step %d, stopping", self._received, path, trainer.global_step
-        )
         trainer.should_stop = True
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        SHUTDOWN.saved = True
+        SHUTDOWN.requeue_wanted = name == self.requeue_signal and "SLURM_JOB_ID" in os.environ
+        SHUTDOWN.finished.set()
+        then = "requeueing the job" if SHUTDOWN.requeue_wanted else "stopping"
+        log.warning("%s: saved %s at step %d, %s", name, path, trainer.global_step, then)

@@ -28,6 +28,7 @@ from pbe_lightning.data.device_decode import decode_batch, is_encoded
 from pbe_lightning.data.masks import MaskGenerator
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.data.stream import EpochOfBatches, StreamPlace, StreamPosition, TrainStream
+from pbe_lightning.shutdown import make_worker_deaf
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
@@ -183,6 +184,7 @@ class PaintByExampleDataModule(L.LightningDataModule):
                 pin_memory=self.pin_memory and torch.cuda.is_available(),
                 prefetch_factor=4 if self.num_workers > 0 else None,
                 generator=self._own_generator(),
+                worker_init_fn=make_worker_deaf,
             )
             self._train_loader = EpochOfBatches(loader, self.batches_per_epoch)
         return self._train_loader

@@ -19,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
+from pbe_lightning.shutdown import signals_held
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class EpochOfBatches:
 
     def __iter__(self) -> Iterator[dict]:
         if self._iterator is None:
-            self._iterator = iter(self.loader)
+            with signals_held():  # forked workers must not die of a signal before they hear it
+                self._iterator = iter(self.loader)
         for _ in range(self.batches_per_epoch):
             yield next(self._iterator)

@@ -235,12 +235,35 @@ class PaintByExampleModule(L.LightningModule):
         }
 
     # -- checkpoints -------------------------------------------------------------------------
+    def architecture(self, resolution: int | None = None) -> dict:
+        """What a resumed run must share with its checkpoint, keyed by the setting to change.
+
+        Read from the built modules, not the config, so a backbone folder swapped under the
+        same ``model.backbone.path`` is caught too.
+        """
+        unet = getattr(self.unet, "_fsdp_wrapped_module", self.unet).config
+        vision = self.encoder.vision
+        return {
+            "model.encoder.bottleneck": self.encoder.bottleneck,
+            "model.encoder.mapper_depth": len(self.encoder.mapper.blocks),
+            "model.encoder (CLIP width x layers)": [
+                vision.transformer.width,
+                len(vision.transformer.resblocks),
+            ],
+            "model.encoder (CLIP image size)": self.encoder.image_size,
+            "model.backbone (UNet block_out_channels)": list(unet.block_out_channels),
+            "model.backbone (UNet cross_attention_dim)": unet.cross_attention_dim,
+            "model.backbone (UNet layers_per_block)": unet.layers_per_block,
+            "data.resolution": resolution or self.training_resolution,
+        }
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
         checkpoint["pbe_model_config"] = self.model_config
         checkpoint["pbe_resolution"] = self.training_resolution
+        checkpoint["pbe_architecture"] = self.architecture()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.training_resolution = checkpoint.get("pbe_resolution")

@@ -1,0 +1,225 @@
+"""Shutdown signals the way clusters deliver them: to every process, at any moment.
+
+``scancel``, a SLURM time limit, ``timeout``, torchrun and Ctrl-C signal the whole process
+group: the main process *and* its DataLoader workers. Lightning's own handler covers only
+SIGTERM in the main process, kills the DDP children from inside the handler and runs a
+collective there, and Python's default SIGINT raises ``KeyboardInterrupt`` wherever the main
+thread happens to be. Neither can finish the step in flight and save it, nor survive a worker
+that died of the same signal, nor give up on a step that can never finish. This module:
+
+- records the first SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 in the main process (installed at
+  import time of ``train.py``, so a signal during start-up is kept, not fatal); the training
+  callback (``callbacks/preemption.py``) acts on it at the next step boundary;
+- exits at once on a second, later signal (a person pressing Ctrl-C twice);
+- arms a grace timer: if the step in flight cannot finish (stuck data, hung collective), the
+  process either interrupts a main thread that is only waiting for data (the callback then
+  saves the last completed step) or exits non-zero without touching any checkpoint;
+- makes DataLoader workers (and only them) deaf to these signals, so they live until the
+  main process has saved and shuts them down.
+
+Only the standard library is imported here: ``train.py`` installs it before heavy imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# torchrun forwards the SIGTERM its own process group already delivered: one request, not two.
+DUPLICATE_WINDOW_S = 1.0
+EXIT_STALLED = 3  # the step in flight could not finish within the grace period: nothing saved
+EXIT_SECOND_SIGNAL = 4  # a second shutdown signal: exit now, nothing saved
+
+
+class StalledShutdown(BaseException):
+    """Raised in the main thread when a shutdown waited ``grace_period_s`` for data.
+
+    A BaseException, so data pipelines that catch ``Exception`` per record or shard
+    (webdataset's handlers, ours) do not swallow it.
+    """
+
+
+class ShutdownRequest:
+    """The process-wide record of shutdown signals, and what to do when a step hangs."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.received_at: float | None = None
+        self.grace_period_s: float = 60.0
+        self.waiting_for_data = False  # set by the training callback between steps
+        self.saved = False  # last.ckpt holds the last completed step
+        self.requeue_wanted = False  # the scheduler's requeue signal, and last.ckpt is saved
+        self.finished = threading.Event()
+        self.on_exit: list[Callable[[], None]] = []  # cleanups before any hard exit
+        self.after_save: list[Callable[[], None]] = []  # before a hard exit with code 0
+        self._timer: threading.Thread | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def install(self, signals: tuple[signal.Signals, ...] = SHUTDOWN_SIGNALS) -> dict:
+        """Handle ``signals`` in this process (main thread only; a no-op elsewhere).
+
+        Returns the handlers it replaced that were not already ours, for ``restore``.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        replaced = {}
+        for signum in (*signals, signal.SIGALRM):
+            handler = self._interrupt_data_wait if signum == signal.SIGALRM else self._handle
+            previous = signal.signal(signum, handler)
+            if getattr(previous, "__self__", None) is not self:
+                replaced[signum] = previous
+        return replaced
+
+    def restore(self, handlers: dict) -> None:
+        """Put back what ``install`` replaced (a caller that runs training in-process)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def reset(self) -> None:
+        """Forget a handled request (a multirun's next job starts clean)."""
+        self.signal_name = self.received_at = None
+        self.waiting_for_data = self.saved = self.requeue_wanted = False
+        self.after_save = []
+        self.finished = threading.Event()
+        self._timer = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.received_at is None:
+            self.signal_name, self.received_at = name, now
+            log.warning(
+                "received %s: finishing the step in flight, then saving last.ckpt "
+                "(a second signal exits at once without saving)",
+                name,
+            )
+            self._start_grace_timer()
+        elif self.finished.is_set():  # e.g. SLURM stopping the job it was just asked to requeue
+            sys.stderr.write(f"\nreceived {name} after last.ckpt was saved: exiting\n")
+            self.after_save = []
+            self.exit_now(0)
+        elif now - self.received_at > DUPLICATE_WINDOW_S:
+            sys.stderr.write(f"\nreceived {name} again: exiting now without saving\n")
+            self.exit_now(EXIT_SECOND_SIGNAL)
+
+    def _start_grace_timer(self) -> None:
+        self._timer = threading.Thread(target=self._watch_grace, name="shutdown-grace", daemon=True)
+        self._timer.start()
+
+    def _watch_grace(self) -> None:
+        if self.finished.wait(self.grace_period_s):
+            return
+        if self.waiting_for_data:
+            log.warning(
+                "no batch arrived within %.0f s of %s: interrupting the data wait to save the "
+                "last completed step",
+                self.grace_period_s,
+                self.signal_name,
+            )
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+            if self.finished.wait(self.grace_period_s):
+                return
+        sys.stderr.write(
+            f"\nthe step in flight did not finish within {self.grace_period_s:.0f} s of "
+            f"{self.signal_name} (a hung collective or stuck I/O): exiting with code "
+            f"{EXIT_STALLED}; the checkpoints on disk are untouched. Raise "
+            "callbacks.preemption.grace_period_s if steps are this slow.\n"
+        )
+        self.exit_now(EXIT_STALLED)
+
+    def _interrupt_data_wait(self, signum: int, frame: object) -> None:
+        if self.waiting_for_data:
+            raise StalledShutdown(f"{self.signal_name} while waiting for data")
+
+    def exit_now(self, code: int) -> None:
+        """Leave without unwinding: clean-ups, then kill our children, then ``os._exit``.
+
+        With code 0 (``last.ckpt`` is saved) the ``after_save`` hooks run too: close the
+        loggers, requeue the job."""
+        for cleanup in self.on_exit + (self.after_save if code == 0 else []):
+            with suppress(BaseException):  # SystemExit included: we are leaving anyway
+                cleanup()
+        kill_descendants()
+        with suppress(Exception):
+            sys.stderr.flush()
+            sys.stdout.flush()
+        os._exit(code)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started (loader workers, their ``pipe:`` commands).
+
+    Workers ignore shutdown signals by design, and a stuck ``pipe:`` command may ignore them
+    too; a hard exit must not leave them running for hours.
+    """
+    try:
+        import psutil
+    except ImportError:  # psutil comes with wandb; without it, the workers notice the exit
+        return
+    with suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with suppress(psutil.Error):
+                child.kill()
+
+
+def kill_loader_workers() -> None:
+    """SIGKILL the DataLoader workers (and what they started) once nothing more is needed
+    from them: a worker stuck in I/O would otherwise hold the shutdown for join timeouts."""
+    import multiprocessing
+
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler turns a killed worker into an error in the main process.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in multiprocessing.active_children():
+        if psutil is not None:
+            with suppress(psutil.Error):
+                for child in psutil.Process(worker.pid).children(recursive=True):
+                    with suppress(psutil.Error):
+                        child.kill()
+        worker.kill()
+
+
+SHUTDOWN = ShutdownRequest()
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """A handler that does nothing. Unlike SIG_IGN it is reset by exec, so commands a worker
+    starts (``pipe:aws s3 cp ...``) still stop when their process group is signalled."""
+
+
+def make_worker_deaf(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: shutdown is the main process's job, not the workers'."""
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, _ignore)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold shutdown signals while workers are forked (they inherit the mask), so none dies
+    before ``make_worker_deaf`` runs; a signal that arrived meanwhile is delivered on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -17,7 +17,7 @@ that died of the same signal, nor give up on a step that can never finish. This 
 - makes DataLoader workers (and only them) deaf to these signals, so they live until the
   main process has saved and shuts them down.
 
-Only the standard library is imported here: ``train.py`` installs it before heavy imports.
+Only the standard library is imported at the top: ``train.py`` installs this before torch.
 """
 
 from __future__ import annotations
@@ -107,11 +107,13 @@ class ShutdownRequest:
                 name,
             )
             self._start_grace_timer()
+        elif now - self.received_at <= DUPLICATE_WINDOW_S:
+            return  # the same request, delivered twice (torchrun forwards the group's signal)
         elif self.finished.is_set():  # e.g. SLURM stopping the job it was just asked to requeue
             sys.stderr.write(f"\nreceived {name} after last.ckpt was saved: exiting\n")
             self.after_save = []
             self.exit_now(0)
-        elif now - self.received_at > DUPLICATE_WINDOW_S:
+        else:
             sys.stderr.write(f"\nreceived {name} again: exiting now without saving\n")
             self.exit_now(EXIT_SECOND_SIGNAL)
 
@@ -159,20 +161,23 @@ class ShutdownRequest:
         os._exit(code)
 
 
+def _kill_tree(pid: int, include_root: bool = True) -> None:
+    import psutil
+
+    with suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for process in [*root.children(recursive=True), *([root] if include_root else [])]:
+            with suppress(psutil.Error):
+                process.kill()
+
+
 def kill_descendants() -> None:
     """SIGKILL every process this one started (loader workers, their ``pipe:`` commands).
 
     Workers ignore shutdown signals by design, and a stuck ``pipe:`` command may ignore them
     too; a hard exit must not leave them running for hours.
     """
-    try:
-        import psutil
-    except ImportError:  # psutil comes with wandb; without it, the workers notice the exit
-        return
-    with suppress(psutil.Error):
-        for child in psutil.Process().children(recursive=True):
-            with suppress(psutil.Error):
-                child.kill()
+    _kill_tree(os.getpid(), include_root=False)
 
 
 def kill_loader_workers() -> None:
@@ -180,20 +185,11 @@ def kill_loader_workers() -> None:
     from them: a worker stuck in I/O would otherwise hold the shutdown for join timeouts."""
     import multiprocessing
 
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
     if threading.current_thread() is threading.main_thread():
         # torch's SIGCHLD handler turns a killed worker into an error in the main process.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for worker in multiprocessing.active_children():
-        if psutil is not None:
-            with suppress(psutil.Error):
-                for child in psutil.Process(worker.pid).children(recursive=True):
-                    with suppress(psutil.Error):
-                        child.kill()
-        worker.kill()
+        _kill_tree(worker.pid)
 
 
 SHUTDOWN = ShutdownRequest()

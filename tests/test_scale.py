@@ -153,3 +153,17 @@ def test_multinode_trainer_reads_the_launchers_topology(monkeypatch):
     monkeypatch.setenv("SLURM_NNODES", "4")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x4)")
     assert (launcher_nodes(), launcher_devices()) == (4, 8)
+
+
+def test_jobs_started_by_a_scheduler_resume_their_run_folder_by_default(monkeypatch):
+    from pbe_lightning.resolvers import resume_under_scheduler, run_id
+
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what a local torchrun-less run has
+    assert resume_under_scheduler() is None  # a local run starts fresh in a new folder
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    assert (run_id(), resume_under_scheduler()) == ("slurm-812", "last")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "800")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")  # each array task keeps its own folder
+    assert run_id() == "slurm-800_3"

@@ -55,7 +55,8 @@ class Preemption(L.Callback):
         SHUTDOWN.waiting_for_data = False
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        SHUTDOWN.waiting_for_data = trainer.training
+        # Within fit, the next thing after validation is the next training batch.
+        SHUTDOWN.waiting_for_data = not trainer.sanity_checking
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # The main thread waited for data past the grace period: the model and the stream

@@ -81,13 +81,17 @@ class Ballast(L.Callback):
 
 class HangAt(L.Callback):
     """At ``step``, the step in flight never finishes (a hung collective, as far as the
-    process can tell): signals are handled, but the step does not return."""
+    process can tell): signals are handled, but the step does not return. Writes
+    ``{dirpath}/hanging`` once it hangs."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, dirpath: str) -> None:
         self.step = step
+        self.marker = Path(dirpath) / "hanging"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import time
 
+        if trainer.global_step == self.step:
+            self.marker.touch()
         while trainer.global_step == self.step:
             time.sleep(1)

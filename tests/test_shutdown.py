@@ -79,8 +79,19 @@ def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: 
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def wait_for_stall(process: subprocess.Popen, run_dir: Path, quiet_s: float = 4) -> int:
-    """The step at which no new step has come for ``quiet_s`` (the data source hangs)."""
+def blocked_on_the_source(pid: int) -> bool:
+    """The kernel's word for it (Linux ``wchan``): the main thread sleeps reading the source's
+    pipe, or waiting for the source's command to exit after its last byte."""
+    try:
+        where = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "pipe" in where or where == "do_wait"
+
+
+def wait_for_stall(process: subprocess.Popen, run_dir: Path, hanging: Path) -> int:
+    """The step at which training waits on the hung source: the source said it hangs, the
+    main process sleeps on it, and no step has come for a second."""
     last, since = None, time.time()
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -90,7 +101,12 @@ def wait_for_stall(process: subprocess.Popen, run_dir: Path, quiet_s: float = 4)
             step = None
         if step != last:
             last, since = step, time.time()
-        elif step is not None and time.time() - since > quiet_s:
+        elif (
+            step is not None
+            and hanging.exists()
+            and blocked_on_the_source(process.pid)
+            and time.time() - since > 1
+        ):
             return step
         time.sleep(0.1)
     kill_group(process)
@@ -145,9 +161,10 @@ def small_shard(cache_dir: Path, destination: Path, members: int = 60) -> Path:
 def stuck_source(tmp_path: Path, shard: Path, once: bool) -> str:
     """A ``pipe:`` source that serves ``shard``, then hangs deaf to signals (stuck storage);
     with ``once``, only the first time (storage that recovers)."""
-    marker = tmp_path / "hung_once"
+    marker, hanging = tmp_path / "hung_once", tmp_path / "hanging"
     script = tmp_path / "stuck_source.sh"
-    hang = f"[ -e {marker} ] || {{ touch {marker}; exec sleep 600; }}" if once else "exec sleep 600"
+    hang = f"touch {hanging}; exec sleep 600"  # the marker tells the test it hangs now
+    hang = f"[ -e {marker} ] || {{ touch {marker}; {hang}; }}" if once else hang
     script.write_text(f'#!/bin/bash\ntrap "" TERM INT USR1 USR2\ncat {shard}\n{hang}\n')
     script.chmod(0o755)
     return f"pipe:{script}"
@@ -178,7 +195,7 @@ def test_a_signal_while_the_data_source_hangs_saves_the_last_completed_step(tmp_
     process = start_train(
         [*args, *paced(run_dir, 0.0), f"hydra.run.dir={run_dir}"], tmp_path, cache_dir
     )
-    stalled_at = wait_for_stall(process, run_dir)
+    stalled_at = wait_for_stall(process, run_dir, tmp_path / "hanging")
     signalled = time.time()
     os.killpg(process.pid, signal.SIGTERM)
     result = finish(process, timeout=60)
@@ -203,7 +220,7 @@ def test_a_second_signal_exits_at_once_without_saving(tmp_path, cache_dir):
     process = start_train(
         [*args, *paced(run_dir, 0.0), f"hydra.run.dir={run_dir}"], tmp_path, cache_dir
     )
-    wait_for_stall(process, run_dir, quiet_s=2)
+    wait_for_stall(process, run_dir, tmp_path / "hanging")
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C ...
     time.sleep(2)
     signalled = time.time()
@@ -225,10 +242,14 @@ def test_a_step_that_never_finishes_exits_non_zero_and_leaves_the_checkpoints(tm
         "callbacks.preemption.grace_period_s=3",
         "+callbacks.hang._target_=tests.helpers.HangAt",
         "+callbacks.hang.step=3",
+        f"+callbacks.hang.dirpath={run_dir}",
         f"hydra.run.dir={run_dir}",
     ]
     process = start_train(args, tmp_path, cache_dir)
     wait_for_step(process, run_dir, 3)
+    while not (run_dir / "hanging").exists():  # inside the step, not waiting for its data
+        assert process.poll() is None
+        time.sleep(0.05)
     last = run_dir / "checkpoints" / "last.ckpt"
     before = hashlib.sha256(last.read_bytes()).hexdigest()
     os.killpg(process.pid, signal.SIGTERM)

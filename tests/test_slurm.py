@@ -126,20 +126,35 @@ def assert_resumed_exactly(tmp_path: Path, job_id: str, env: dict, reference: di
     assert len(runs) >= 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
 
 
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_weights(final: dict, reference: dict) -> None:
+    assert final["global_step"] == reference["global_step"]
+    for key, tensor in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], tensor), key
+
+
 def uninterrupted(tmp_path: Path, cache_dir: Path, args: list[str]) -> dict:
     run_dir = tmp_path / "uninterrupted"
     assert run_train([*args, f"hydra.run.dir={run_dir}"], tmp_path, cache_dir).returncode == 0
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return load(run_dir / "checkpoints" / "last.ckpt")
+
+
+def paced(seconds: float = 0.25) -> list[str]:
+    """Slow steps (weights unchanged) that write the step reached into the run folder."""
+    return [
+        "+callbacks.pace._target_=tests.helpers.Pace",
+        "+callbacks.pace.dirpath=${paths.output_dir}",
+        f"+callbacks.pace.seconds={seconds}",
+    ]
 
 
 def test_a_job_preempted_with_scancel_signal_is_requeued_and_resumes_exactly(tmp_path, cache_dir):
     args = [*REQUEUED, "trainer.max_steps=12"]
     reference = uninterrupted(tmp_path, cache_dir, args)
-    pace = [
-        "+callbacks.pace._target_=tests.helpers.Pace",
-        "+callbacks.pace.dirpath=${paths.output_dir}",
-    ]
-    script = requeue_script(tmp_path, cache_dir, [*args, *pace], "")
+    script = requeue_script(tmp_path, cache_dir, [*args, *paced()], "")
     with slurm_cluster(tmp_path / "cluster") as env:
         job_id = submit(script, env)
         run_dir = tmp_path / "outputs" / "train" / f"slurm-{job_id}"
@@ -161,12 +176,7 @@ def test_a_job_that_reaches_its_time_limit_is_requeued_and_resumes_exactly(tmp_p
     # this ~70 s run trains. The requeued run gets its own warning, so it may take 3 runs.
     args = [*REQUEUED, "trainer.max_steps=90"]
     reference = uninterrupted(tmp_path, cache_dir, args)
-    pace = [
-        "+callbacks.pace._target_=tests.helpers.Pace",
-        "+callbacks.pace.dirpath=${paths.output_dir}",
-        "+callbacks.pace.seconds=0.5",
-    ]
-    script = requeue_script(tmp_path, cache_dir, [*args, *pace], "--time=2 --signal=USR2@60")
+    script = requeue_script(tmp_path, cache_dir, [*args, *paced(0.5)], "--time=2 --signal=USR2@60")
     with slurm_cluster(tmp_path / "cluster") as env:
         job_id = submit(script, env)
         wait_for_job(job_id, env, timeout=600)
@@ -183,8 +193,7 @@ def test_a_submitit_launcher_job_preempted_with_its_signal_resumes_exactly(tmp_p
         "hydra.launcher.tasks_per_node=1",
         "hydra.launcher.cpus_per_task=2",
         "hydra.launcher.timeout_min=10",
-        "+callbacks.pace._target_=tests.helpers.Pace",
-        "+callbacks.pace.dirpath=${paths.output_dir}",
+        *paced(),
     ]
     with slurm_cluster(tmp_path / "cluster") as env:
         sweep = start_train(
@@ -209,9 +218,4 @@ def test_a_submitit_launcher_job_preempted_with_its_signal_resumes_exactly(tmp_p
             kill_group(sweep)
         assert result.returncode == 0, result.stderr[-3000:]
         assert int(job_field(job_id, env, "Restarts") or 0) >= 1
-    final = torch.load(
-        runs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
-    assert final["global_step"] == reference["global_step"]
-    for key, tensor in reference["state_dict"].items():
-        assert torch.equal(final["state_dict"][key], tensor), key
+    assert_same_weights(load(runs[0] / "checkpoints" / "last.ckpt"), reference)

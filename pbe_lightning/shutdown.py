@@ -61,7 +61,6 @@ class ShutdownRequest:
         self.finished = threading.Event()
         self.on_exit: list[Callable[[], None]] = []  # cleanups before any hard exit
         self.after_save: list[Callable[[], None]] = []  # before a hard exit with code 0
-        self._timer: threading.Thread | None = None
 
     @property
     def requested(self) -> bool:
@@ -94,7 +93,6 @@ class ShutdownRequest:
         self.waiting_for_data = self.saved = self.requeue_wanted = False
         self.after_save = []
         self.finished = threading.Event()
-        self._timer = None
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
@@ -118,8 +116,7 @@ class ShutdownRequest:
             self.exit_now(EXIT_SECOND_SIGNAL)
 
     def _start_grace_timer(self) -> None:
-        self._timer = threading.Thread(target=self._watch_grace, name="shutdown-grace", daemon=True)
-        self._timer.start()
+        threading.Thread(target=self._watch_grace, name="shutdown-grace", daemon=True).start()
 
     def _watch_grace(self) -> None:
         if self.finished.wait(self.grace_period_s):

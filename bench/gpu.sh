@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# One prepared GPU check (for a session lent a device machine): CUDA paths and throughput.
+# One prepared GPU check (for a session lent a device machine), ~7.5 min at most: most
+# important first, each part with its own time limit so one slow part cannot eat the rest.
 #   bash bench/gpu.sh          (results also land in $OUT when the device tool sets it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/pbe-gpu}; mkdir -p "$out"
-export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1 PBE_CACHE_DIR=$out/cache
 python -m pip install -q -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+part() {  # part NAME SECONDS COMMAND...: run, keep its output, never stop the script
+  local name=$1 limit=$2; shift 2
+  echo "== $name"; timeout "$limit" "$@" > "$out/$name.txt" 2>&1; echo "   rc $?"
+  tail -4 "$out/$name.txt"
+}
+# Host-device syncs between logging steps, counted by CUDA's sync debug mode (target: 0).
+part sync_check 60 python -m bench.sync_check
+# Lightning + our callbacks vs a bare loop, same modules and batches (target: <= 5 %).
+part step_overhead 100 python -m bench.step_overhead --device cuda --rounds 5
+# Masks + augmentation per batch of 16 at 512 px: Kornia's op-by-op chain vs one warp.
+part device_transform 45 python -m bench.device_transform --device cuda
 # Training step of the real architecture (random weights): bf16, SDPA, checkpointing on / off.
-python -m bench.train_throughput --batch 4 2>&1 | tee "$out/train_throughput.txt"
-python -m bench.train_throughput --batch 8 --no-checkpointing 2>&1 | tee -a "$out/train_throughput.txt"
+part train_throughput 90 python -m bench.train_throughput --device cuda --batch 4
 # Data path: Kornia masks/augmentation and nvjpeg decode on the GPU.
-python -m bench.data_throughput --device cuda --repeats 1 2>&1 | tee "$out/data_throughput.txt"
-# The demo end to end on the GPU preset (bf16-mixed), shortened.
-python train.py trainer=gpu trainer.max_steps=200 hydra.run.dir="$out/demo" 2>&1 | tail -5 | tee "$out/demo.txt"
+part data_throughput 60 python -m bench.data_throughput --device cuda --repeats 1
+# Resume without replay: CPU-bound, but this machine has 16 cores to spare.
+part resume 90 python -m bench.resume --rounds 3

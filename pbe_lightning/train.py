@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -78,9 +79,13 @@ def tidy_checkpoint_folder(cfg: DictConfig) -> None:
 
 def make_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
     plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
+    callbacks = instantiate_each(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):
+        # Lightning refuses a progress-bar callback when the bar is switched off.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate(
         cfg.trainer,
-        callbacks=instantiate_each(cfg.get("callbacks")),
+        callbacks=callbacks,
         logger=loggers or False,
         plugins=[*plugins, AtomicCheckpointIO(), *cluster_plugins()],
     )

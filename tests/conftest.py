@@ -41,6 +41,23 @@ TINY = [
 ]
 
 
+# Twelve shards of 4 records under an 8-record shuffle buffer: kill and signal points fall
+# after the stream crossed shard boundaries, with records of several shards in its buffer.
+SMALL_SHARDS = [
+    "data.demo_dir=null",
+    "data.shards='${paths.cache_dir}/small-shards/train-{000000..000011}.tar'",
+]
+
+
+@pytest.fixture(scope="session")
+def small_shards(cache_dir: Path) -> list[str]:
+    """Writes the shards ``SMALL_SHARDS`` trains on into the cache; returns the overrides."""
+    from pbe_lightning.data.demo import ensure_demo_dataset
+
+    ensure_demo_dataset(cache_dir / "small-shards", samples=48, per_shard=4)
+    return SMALL_SHARDS
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny models and demo shards, generated once per test session (like a user's cache)."""

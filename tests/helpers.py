@@ -95,3 +95,68 @@ class HangAt(L.Callback):
             self.marker.touch()
         while trainer.global_step == self.step:
             time.sleep(1)
+
+
+class SyncCounter(L.Callback):
+    """Counts, step by step, what would make the host wait for the accelerator: reads of
+    tensor values (``item``, ``bool(t)``, ``cpu``, ...) and collectives on the training
+    process group. Writes ``{dirpath}/syncs_rank{r}.json``: per step, whether it was a
+    logging step and where each call came from. On a CPU run every read is counted, device
+    or not, so a step that reads nothing here reads nothing on a GPU either.
+
+    A step's window runs from its ``on_train_batch_start`` to the next one: the step, every
+    hook after it, then fetching and transferring the next batch.
+    """
+
+    READS = ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy")
+    COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier")
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.steps: list[dict] = []
+        self.originals: list[tuple[object, str, object]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+        import torch.distributed as dist
+
+        for name in self.READS:
+            self._wrap(torch.Tensor, name, f"Tensor.{name}")
+        for name in self.COLLECTIVES:
+            self._wrap(dist, name, f"dist.{name}", default_group_only=True)
+        for name in ("reduce", "reduce_boolean_decision", "broadcast", "barrier", "all_gather"):
+            self._wrap(trainer.strategy, name, f"strategy.{name}")
+
+    def _wrap(self, owner, name: str, label: str, default_group_only: bool = False) -> None:
+        import traceback
+
+        original = getattr(owner, name)
+        counter = self
+
+        def counted(*args, **kwargs):
+            side_group = kwargs.get("group") is not None  # our CPU side group: no device sync
+            if counter.steps and not (default_group_only and side_group):
+                frames = [
+                    f"{f.filename.split('/')[-1]}:{f.lineno}"
+                    for f in traceback.extract_stack()[:-1]
+                    if "site-packages/torch/" not in f.filename
+                ]
+                where = " < ".join(reversed(frames[-4:]))
+                counter.steps[-1]["calls"].append(f"{label} at {where}")
+            return original(*args, **kwargs)
+
+        self.originals.append((owner, name, original))
+        setattr(owner, name, counted)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from pbe_lightning.logging_steps import is_logging_step
+
+        logging = is_logging_step(trainer)  # read before the counting window opens
+        self.steps.append({"step": trainer.global_step, "logging": logging, "calls": []})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for owner, name, original in reversed(self.originals):
+            setattr(owner, name, original)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"syncs_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.steps, indent=1))

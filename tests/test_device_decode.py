@@ -32,6 +32,7 @@ from pbe_lightning.data.samples import (
     SkipSample,
     make_sample,
 )
+from pbe_lightning.data.stream import StreamState
 from tests.hostile_corpus import hostile_cases
 
 SPEC = SampleSpec(resolution=64, reference_size=32, crop_sampler=CropSampler(reference_pad=0))
@@ -178,12 +179,12 @@ def test_a_jpeg_no_decoder_reads_is_replaced_by_another_sample_and_counted(monke
     names = ["rgb_jpeg", "rgb_png"]
     samples = [make_sample(record(n), DEVICE_SPEC, random.Random(0)) for n in names]
     batch = default_collate(samples)
-    batch["skipped"] = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+    batch["stream_state"] = StreamState(0, {}, (0,) * len(SKIP_REASONS), 2)
     with pytest.warns(UserWarning, match="could not be decoded"):
         out = decode_batch(batch, 64, 32)
     assert torch.equal(out["image"][0], out["image"][1])
     assert torch.equal(out["object_box"][0], out["object_box"][1])
-    assert out["skipped"][SKIP_REASONS.index("bad_image")] == 1
+    assert out["stream_state"].skipped[SKIP_REASONS.index("bad_image")] == 1
     with pytest.raises(RuntimeError, match="decode_on_device=false"):
         decode_batch(default_collate(samples[:1]), 64, 32)
 
@@ -203,9 +204,10 @@ def test_the_config_option_decodes_training_batches_on_the_device(tiny_cfg):
         batches[flag] = datamodule.on_after_batch_transfer(raw, 0)
     worker, device = batches[False], batches[True]
     assert device.keys() == worker.keys()
+    assert device.pop("stream_state").skipped == worker.pop("stream_state").skipped
     for key, value in worker.items():
         assert device[key].dtype == value.dtype and device[key].shape == value.shape, key
-    for key in ("object_box", "mask_box", "mask", "skipped", "records_read"):
+    for key in ("object_box", "mask_box", "mask"):
         assert torch.equal(device[key], worker[key]), key
     # image in [-1, 1], reference in [0, 1]: the same tolerance in 8-bit steps.
     assert mean_abs_diff(device["image"], worker["image"]) * 127.5 < TOLERANCE

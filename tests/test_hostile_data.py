@@ -21,7 +21,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from pbe_lightning.data.crops import CropSampler
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
-from pbe_lightning.data.stream import TrainStream
+from pbe_lightning.data.stream import RecordSource, TrainStream
 from tests.hostile_corpus import (
     OBJECT,
     Case,
@@ -164,28 +164,27 @@ def assert_well_formed(sample: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the stream
-class InOrder(random.Random):
-    """Draws the shards in order, round and round, so one pass reads each shard once."""
+class InOrder:
+    """Picks the shards in order, round and round, so one pass reads each shard once."""
 
-    def __init__(self) -> None:
-        super().__init__(0)
-        self.drawn = 0
+    def __init__(self, count: int) -> None:
+        self.count, self.drawn = count, 0
 
-    def choice(self, seq):
+    def next_shard(self) -> int:
         self.drawn += 1
-        return seq[(self.drawn - 1) % len(seq)]
+        return (self.drawn - 1) % self.count
 
 
 @pytest.fixture(scope="module")
 def one_pass(corpus: HostileCorpus) -> dict:
-    """Every shard once through TrainStream.records (the stream's tar reading and corrupt-shard
+    """Every shard once through the stream's RecordSource (its tar reading and corrupt-shard
     counting), each record through make_sample, as the training stream does."""
-    stream = TrainStream([str(p) for p in corpus.shards], SPEC, batch_size=4, shuffle_buffer=1)
+    urls = [str(p) for p in corpus.shards]
     counted = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     reasons, keys, samples = Counter(), [], 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning per corrupt shard
-        records = stream.records(InOrder(), counted)
+        records = RecordSource(urls, InOrder(len(urls)), 1, random.Random(0), counted, 1000)
         for index, record in enumerate(islice(records, corpus.expected.records)):
             keys.append(record["__key__"])
             try:
@@ -221,10 +220,11 @@ def test_the_training_stream_yields_well_formed_batches_from_hostile_shards(corp
         for batch in islice(iter(stream), 25):
             assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.uint8
             assert batch["reference"].shape == (4, 3, 32, 32)
-            assert batch["skipped"].shape == (len(SKIP_REASONS),)
-            skipped_records = int(batch["skipped"][per_record].sum())
-            assert int(batch["records_read"]) == 4 + skipped_records
-            total += batch["skipped"]
+            skipped = torch.tensor(batch["stream_state"].skipped)
+            assert skipped.shape == (len(SKIP_REASONS),)
+            skipped_records = int(skipped[per_record].sum())
+            assert batch["stream_state"].records_read == 4 + skipped_records
+            total += skipped
     assert (total[per_record] > 0).sum() >= 5  # many reasons met along the way
     assert not corpus.sentinel.exists()
 
@@ -237,9 +237,9 @@ def test_corrupt_shards_are_counted_in_the_batch_that_read_them(corpus):
         warnings.simplefilter("ignore")
         for batch in islice(iter(stream), 8):
             batches.append(batch)
-            seen.append(batch["skipped"].clone())
-    assert all(torch.equal(b["skipped"], s) for b, s in zip(batches, seen))
-    assert sum(int(s[0]) for s in seen[1:]) > 0
+            seen.append(batch["stream_state"].skipped)
+    assert all(b["stream_state"].skipped == s for b, s in zip(batches, seen))
+    assert sum(s[0] for s in seen[1:]) > 0
 
 
 def test_a_stream_of_only_broken_shards_stops_with_a_clear_error(corpus):

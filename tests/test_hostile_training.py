@@ -61,8 +61,8 @@ def test_training_over_hostile_shards_mixed_1_to_30_survives_and_counts(tmp_path
     for index, batch in enumerate(stream):
         if index == STEPS:
             break
-        expected += batch["skipped"]
-        read += int(batch["records_read"])
+        expected += torch.tensor(batch["stream_state"].skipped)
+        read += batch["stream_state"].records_read
     expected_counts = Counter({r: int(n) for r, n in zip(SKIP_REASONS, expected) if n})
     logged = last_logged(next((run_dir / "csv").glob("*/metrics.csv")))
     logged_counts = Counter(

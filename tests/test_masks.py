@@ -1,6 +1,8 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from pbe_lightning.data import masks as masks_module
 from pbe_lightning.data.masks import (
     EDIT,
     KEEP,
@@ -89,3 +91,93 @@ def test_bad_probability_is_rejected_with_the_config_key():
 def test_user_mask_files_white_is_edit():
     user = torch.tensor([[[[1.0, 0.0]]]])
     assert mask_from_user_image(user).tolist() == [[[[EDIT, KEEP]]]]
+
+
+def brute_force_fill(polygons: torch.Tensor, size: int) -> torch.Tensor:
+    """Even-odd rule pixel by pixel: count the edges crossing each pixel's row left of it."""
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    start, end = polygons, torch.roll(polygons, shifts=-1, dims=1)
+    sx, sy = start[..., 0][:, None, None, :], start[..., 1][:, None, None, :]
+    ex, ey = end[..., 0][:, None, None, :], end[..., 1][:, None, None, :]
+    py, px = centres[None, :, None, None], centres[None, None, :, None]
+    crosses = (sy > py) != (ey > py)
+    safe_dy = torch.where(ey == sy, torch.ones_like(ey), ey - sy)
+    x_cross = sx + (py - sy) * (ex - sx) / safe_dy
+    left = (crosses & (x_cross < px)).sum(-1)
+    return torch.where(left % 2 == 1, EDIT, KEEP)[:, None]
+
+
+@pytest.mark.parametrize("size", [17, 32, 45])
+def test_polygon_fill_matches_the_pixel_by_pixel_even_odd_rule(size):
+    obj, enlarged = random_boxes(32, seed=5)
+    polygons = bezier_outline(obj, enlarged, points_per_edge=6, jitter=0.05)
+    # Plus self-intersecting stars and polygons with vertices exactly on pixel centres.
+    g = torch.Generator().manual_seed(0)
+    stars = torch.rand(8, polygons.shape[1], 2, generator=g)
+    on_centres = (torch.randint(0, size, (8, polygons.shape[1], 2), generator=g) + 0.5) / size
+    polygons = torch.cat([polygons, stars, on_centres])
+    masks = polygon_masks(polygons, size)
+    assert masks.dtype == torch.float32
+    assert torch.equal(masks, brute_force_fill(polygons, size))
+
+
+@pytest.fixture
+def accelerator_path(monkeypatch):
+    monkeypatch.setattr(masks_module, "SUBSET_DEVICES", ())
+
+
+@pytest.mark.parametrize("prob", [0.0, 0.3, 1.0])
+def test_cpu_and_accelerator_paths_draw_the_same_masks(prob, monkeypatch):
+    obj, enlarged = random_boxes(64, seed=2)
+    generator = MaskGenerator(irregular_prob=prob)
+    subsets = generator(obj, enlarged, 48, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(masks_module, "SUBSET_DEVICES", ())
+    everything = generator(obj, enlarged, 48, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(subsets, everything)
+    assert subsets.shape == (64, 1, 48, 48) and subsets.dtype == torch.float32
+    assert torch.equal(subsets.unique(), torch.tensor([EDIT, KEEP]))
+
+
+def test_same_global_seed_same_masks():
+    obj, enlarged = random_boxes(16, seed=4)
+    torch.manual_seed(9)
+    first = MaskGenerator()(obj, enlarged, 32)
+    torch.manual_seed(9)
+    assert torch.equal(MaskGenerator()(obj, enlarged, 32), first)
+
+
+def test_polygons_are_filled_only_for_samples_that_draw_them(monkeypatch):
+    filled = []
+    real = masks_module.polygon_holes
+
+    def counting(polygons, size):
+        filled.append(len(polygons))
+        return real(polygons, size)
+
+    monkeypatch.setattr(masks_module, "polygon_holes", counting)
+    obj, enlarged = random_boxes(64, seed=2)
+    MaskGenerator(irregular_prob=1e-9)(obj, enlarged, 32)
+    assert filled == []
+    MaskGenerator(irregular_prob=0.5)(obj, enlarged, 32)
+    assert len(filled) == 1 and 10 < filled[0] < 54
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_per_sample_loop(accelerator_path):
+    # The number of torch ops does not depend on the batch size.
+    counts = []
+    for batch in (2, 32):
+        obj, enlarged = random_boxes(batch, seed=batch)
+        with CountOps() as ops:
+            MaskGenerator(irregular_prob=0.5)(obj, enlarged, 32)
+        counts.append(ops.count)
+    assert counts[0] == counts[1]

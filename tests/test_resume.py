@@ -2,13 +2,14 @@
 
 import random
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from pbe_lightning.callbacks.ema import EMA
 from pbe_lightning.models.build import build_model
-from tests.conftest import TINY, bare_trainer, run_train
+from tests.conftest import SMALL_SHARDS, TINY, bare_trainer, run_train
 
 RUN = [
     *[o for o in TINY if not o.startswith(("trainer.max_steps", "data.num_workers"))],
@@ -18,6 +19,7 @@ RUN = [
     "callbacks=ema",
     "callbacks.ema.decay=0.9",
     "trainer.deterministic=true",
+    *SMALL_SHARDS,
 ]
 
 
@@ -42,7 +44,7 @@ def assert_same_training(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, cache_dir):
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, cache_dir, small_shards):
     reference = tmp_path / "uninterrupted"
     result = run_train([*RUN, f"hydra.run.dir={reference}"], tmp_path, cache_dir)
     assert result.returncode == 0
@@ -65,7 +67,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, cache_dir)
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, cache_dir, small_shards):
     run_dir = tmp_path / "term"
     signal = [
         "+callbacks.term._target_=tests.helpers.SignalAt",
@@ -112,13 +114,50 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error(tiny_cfg):
     datamodule = instantiate(cfg.data)
     model = build_model(cfg.model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    nan = torch.tensor(float("nan"), requires_grad=True)
-    model.diffusion_loss = lambda *args, **kwargs: nan * 1
+
+    def diverged(*args, **kwargs) -> torch.Tensor:  # NaN gradients in every trainable weight
+        return sum(p.sum() for p in model.trainable_parameters()) * float("nan")
+
+    model.diffusion_loss = diverged
     trainer = bare_trainer(max_steps=10)
     with pytest.raises(
-        RuntimeError, match="non-finite.*3 steps in a row.*model.max_nonfinite_steps"
+        RuntimeError, match="non-finite for 10 steps in a row.*model.max_nonfinite_steps=3"
     ):
         trainer.fit(model, datamodule=datamodule)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # no step was taken
-    assert model.nonfinite_total == 3
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update was applied
+    assert int(model.nonfinite_total) == 10
+    assert trainer.global_step == 10  # skipped updates still count as steps, as in GradScaler
+
+
+def test_a_skipped_update_leaves_weights_adam_state_and_ema_as_they_were(tiny_cfg):
+    cfg = tiny_cfg("trainer.max_steps=4")
+    model = build_model(cfg.model)
+    datamodule = instantiate(cfg.data)
+    ema = EMA(decay=0.5)
+    real_loss = model.diffusion_loss
+    calls = []
+
+    def nan_on_third(*args, **kwargs) -> torch.Tensor:
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    model.diffusion_loss = nan_on_third
+    snapshots = []
+    record = type("Record", (L.Callback,), {})()
+    record.on_train_batch_end = lambda trainer, module, *a: snapshots.append(
+        (
+            {k: v.clone() for k, v in module.state_dict().items()},
+            {k: v.clone() for k, v in ema.shadow.items()},
+        )
+    )
+    trainer = bare_trainer(max_steps=4)
+    trainer.callbacks.extend([ema, record])
+    trainer.fit(model, datamodule=datamodule)
+    (weights_2, ema_2), (weights_3, ema_3) = snapshots[1], snapshots[2]
+    assert all(torch.equal(weights_2[k], weights_3[k]) for k in weights_2)
+    assert all(torch.equal(ema_2[k], ema_3[k]) for k in ema_2)
+    assert not all(torch.equal(snapshots[3][0][k], weights_3[k]) for k in weights_3)
+    step = next(iter(trainer.optimizers[0].state.values()))["step"]
+    assert int(step) == 3  # Adam counted the three updates taken, not the skipped one

@@ -23,7 +23,16 @@ import torch
 from pbe_lightning.checkpoints import NoReadableCheckpoint, newest_readable, save_atomically
 from pbe_lightning.data.demo import ensure_demo_dataset
 from pbe_lightning.shutdown import EXIT_SECOND_SIGNAL, EXIT_STALLED
-from tests.conftest import REPO, TINY, finish, free_port, kill_group, run_train, start_train
+from tests.conftest import (
+    REPO,
+    SMALL_SHARDS,
+    TINY,
+    finish,
+    free_port,
+    kill_group,
+    run_train,
+    start_train,
+)
 
 RUN = [
     *[o for o in TINY if not o.startswith(("trainer.max_steps", "data.num_workers"))],
@@ -32,7 +41,13 @@ RUN = [
     "data.num_workers=2",  # the workers get the group's signal too
     "trainer.deterministic=true",
     "callbacks.checkpoint.every_n_train_steps=100",
+    *SMALL_SHARDS,
 ]
+
+
+@pytest.fixture(autouse=True)
+def _shards_written(small_shards: list[str]) -> None:
+    """RUN trains on SMALL_SHARDS."""
 
 
 def paced(run_dir: Path, seconds: float = 0.25) -> list[str]:
@@ -114,7 +129,7 @@ def wait_for_stall(process: subprocess.Popen, run_dir: Path, hanging: Path) -> i
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache_dir) -> dict:
+def uninterrupted(tmp_path_factory, cache_dir, small_shards) -> dict:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     result = run_train([*RUN, f"hydra.run.dir={run_dir}"], run_dir, cache_dir)
     assert result.returncode == 0
@@ -170,10 +185,13 @@ def stuck_source(tmp_path: Path, shard: Path, once: bool) -> str:
     return f"pipe:{script}"
 
 
+TO_REPLACE = ("trainer.max_steps", "data.num_workers")
+
+
 def stuck_run(tmp_path: Path, cache_dir: Path, source: str, grace: float) -> list[str]:
     val = cache_dir / "demo" / "v2" / "train-000001.tar"
     return [
-        *[o for o in RUN if not o.startswith(("trainer.max_steps", "data.num_workers"))],
+        *[o for o in RUN if o not in SMALL_SHARDS and not o.startswith(TO_REPLACE)],
         "trainer.max_steps=40",
         "data.num_workers=0",  # the main process itself blocks in the read
         f"data.shards={source}",

@@ -3,35 +3,38 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 
 from pbe_lightning.data.samples import SKIP_REASONS
+from pbe_lightning.logging_steps import is_logging_step
 
 
 class DataHealth(L.Callback):
     """Logs ``data/skipped_<reason>`` (cumulative) and fails past ``max_skip_fraction``.
 
-    Counts ride along in each batch (``skipped``, ``records_read``), so they cover every
-    loader worker; they are per rank, which is what a fraction needs.
+    Counts ride along in each batch's ``stream_state`` (host integers, never sent to the
+    device), so they cover every loader worker; they are per rank, which is what a fraction
+    needs. Logged at logging steps only: a Python number logged becomes a device tensor.
     """
 
     def __init__(self, max_skip_fraction: float = 0.05, min_records: int = 1000) -> None:
         self.max_skip_fraction = max_skip_fraction
         self.min_records = min_records
-        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self.skipped = [0] * len(SKIP_REASONS)  # Python ints: counting never reads a tensor
         self.read = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if "skipped" not in batch:
+        stream_state = batch.get("stream_state")
+        if stream_state is None:
             return
-        self.skipped += batch["skipped"].cpu()
-        self.read += int(batch["records_read"])
-        for reason, count in zip(SKIP_REASONS, self.skipped.tolist()):
-            if count:
-                pl_module.log(f"data/skipped_{reason}", float(count), reduce_fx="max")
-        fraction = self.skipped.sum().item() / max(self.read, 1)
+        self.skipped = [a + b for a, b in zip(self.skipped, stream_state.skipped)]
+        self.read += stream_state.records_read
+        if is_logging_step(trainer):
+            for reason, count in zip(SKIP_REASONS, self.skipped):
+                if count:
+                    pl_module.log(f"data/skipped_{reason}", float(count), reduce_fx="max")
+        fraction = sum(self.skipped) / max(self.read, 1)
         if self.read >= self.min_records and fraction > self.max_skip_fraction:
-            counts = {r: c for r, c in zip(SKIP_REASONS, self.skipped.tolist()) if c}
+            counts = {r: c for r, c in zip(SKIP_REASONS, self.skipped) if c}
             raise RuntimeError(
                 f"{fraction:.1%} of {self.read} records were unusable ({counts}), over "
                 f"callbacks.data_health.max_skip_fraction={self.max_skip_fraction}: the data is "
@@ -40,10 +43,9 @@ class DataHealth(L.Callback):
 
     def state_dict(self) -> dict:
         # By reason name, so checkpoints survive new reasons being added.
-        return {"skipped": dict(zip(SKIP_REASONS, self.skipped.tolist())), "read": self.read}
+        return {"skipped": dict(zip(SKIP_REASONS, self.skipped)), "read": self.read}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["skipped"]
-        counts = [saved.get(reason, 0) for reason in SKIP_REASONS]
-        self.skipped = torch.tensor(counts, dtype=torch.long)
+        self.skipped = [saved.get(reason, 0) for reason in SKIP_REASONS]
         self.read = state["read"]

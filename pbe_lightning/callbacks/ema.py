@@ -2,7 +2,8 @@
 
 The EMA weights are used for validation (losses and sample grids) and export; they are
 saved in checkpoints as ``pbe_ema`` (state-dict names -> tensors), restored on resume, and
-never updated from a step that was skipped (non-finite loss).
+never updated from a step whose update was skipped (non-finite gradients): the module's
+``last_update_skipped`` flag scales the step to zero on the device, without a host read.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ class EMA(L.Callback):
                 self.shadow[name].copy_(param)
             return
         names = list(params)
+        skipped = getattr(pl_module, "last_update_skipped", None)
+        if skipped is None:
+            weight = 1 - self.decay
+        else:
+            weight = (1 - skipped.to(pl_module.device)) * (1 - self.decay)
         torch._foreach_lerp_(
-            [self.shadow[n] for n in names], [params[n].detach() for n in names], 1 - self.decay
+            [self.shadow[n] for n in names], [params[n].detach() for n in names], weight
         )
 
     @contextmanager

@@ -9,6 +9,7 @@ Batch contract after ``on_after_batch_transfer`` (i.e. on the accelerator):
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import random
 import warnings
@@ -27,7 +28,13 @@ from pbe_lightning.data.demo import ensure_demo_dataset
 from pbe_lightning.data.device_decode import decode_batch, is_encoded
 from pbe_lightning.data.masks import MaskGenerator
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
-from pbe_lightning.data.stream import EpochOfBatches, StreamPlace, StreamPosition, TrainStream
+from pbe_lightning.data.stream import (
+    EpochOfBatches,
+    StreamPlace,
+    StreamPosition,
+    StreamState,
+    TrainStream,
+)
 from pbe_lightning.shutdown import make_worker_deaf
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
@@ -69,7 +76,7 @@ class PreviewSet(Dataset):
         self, urls: list[str], spec: SampleSpec, masks: MaskGenerator, count: int, seed: int
     ) -> None:
         stream = TrainStream(urls, spec, batch_size=1, seed=seed)
-        records = stream.records(random.Random(seed), torch.zeros(len(SKIP_REASONS)))
+        records = stream.source(0, 1, torch.zeros(len(SKIP_REASONS), dtype=torch.long))
         samples: list[dict] = []
         for index, record in enumerate(records):
             if len(samples) == count or index >= 50 * count:
@@ -119,8 +126,10 @@ class PaintByExampleDataModule(L.LightningDataModule):
         demo_dir: str | None = None,
         pin_memory: bool = True,
         decode_on_device: bool = False,
+        sampling: str = "resampled",
     ) -> None:
         super().__init__()
+        self.sampling = sampling
         self.shards, self.val_shards = shards, val_shards
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -142,9 +151,10 @@ class PaintByExampleDataModule(L.LightningDataModule):
         self.demo_dir = demo_dir
         self.pin_memory = pin_memory
         self._train_loader: EpochOfBatches | None = None
-        self._position = StreamPosition()  # where this rank's stream resumes
+        self._position = StreamPosition()  # where this rank's streams resume
         self._next_batch = 0
-        self._records = [0] * max(1, num_workers)
+        self._streams: list[dict | None] = [None] * max(1, num_workers)
+        self._in_transfer: StreamState | None = None
 
     def prepare_data(self) -> None:
         if self.demo_dir:
@@ -175,6 +185,7 @@ class PaintByExampleDataModule(L.LightningDataModule):
                 self.shuffle_buffer,
                 self._place(),
                 self._position,
+                self.sampling,
             )
             loader = DataLoader(
                 stream,
@@ -211,62 +222,92 @@ class PaintByExampleDataModule(L.LightningDataModule):
             return StreamPlace()
         return StreamPlace(self.trainer.global_rank, self.trainer.world_size)
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Kept on the host: Lightning would walk (and copy) it as a collection.
+        self._in_transfer = batch.pop("stream_state", None)
+        self._note_consumed(self._in_transfer)
+        return batch
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if "stream_state" in batch:  # called without the hook above (tools, tests)
+            self._note_consumed(batch["stream_state"])
+        elif self._in_transfer is not None:
+            batch["stream_state"] = self._in_transfer  # for DataHealth's counts
+        self._in_transfer = None
         training = self._has_trainer() and self.trainer.training
-        if training and "stream_index" in batch:
-            self._note_consumed(int(batch["stream_index"]), int(batch["stream_records"]))
         if is_encoded(batch):
             batch = decode_batch(batch, self.spec.resolution, self.spec.reference_size)
         return device_transform(batch, self.masks, self.augment, training)
 
-    def _note_consumed(self, index: int, records: int) -> None:
-        self._next_batch = index + 1
-        self._records[index % len(self._records)] = records
+    def _note_consumed(self, stream_state: StreamState | None) -> None:
+        """In training, a batch handed to the step is consumed: the stream resumes after it."""
+        if stream_state is not None and self._has_trainer() and self.trainer.training:
+            self._next_batch = stream_state.index + 1
+            self._streams[stream_state.index % len(self._streams)] = stream_state.state
+
+    def _shards_fingerprint(self) -> str:
+        urls = getattr(self, "train_urls", None) or expand_urls(self.shards)
+        return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
 
     # Lightning saves these in every checkpoint: the data stream resumes where it stopped.
     def state_dict(self) -> dict:
-        records = torch.tensor(self._records)
-        if self._has_trainer() and self.trainer.world_size > 1:
-            records = self.trainer.strategy.all_gather(records)  # (world, workers)
-        else:
-            records = records[None]
+        streams = [list(self._streams)]
+        world_size = self._place().world_size
+        if world_size > 1 and torch.distributed.is_initialized():
+            streams = [None] * world_size
+            torch.distributed.all_gather_object(streams, list(self._streams))
         return {
+            "format": 2,
             "next_batch": self._next_batch,
-            "records": records.tolist(),
-            "world_size": len(records),
+            "streams": streams,  # [rank][worker stream] -> RecordSource state, or None
+            "world_size": len(streams),
             "num_workers": self.num_workers,
+            "sampling": self.sampling,
+            "shards": self._shards_fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         rank, world_size = self._place().rank, self._place().world_size
-        same_topology = (
-            state["world_size"] == world_size and state["num_workers"] == self.num_workers
-        )
-        if not same_topology:
+        change = self._resume_blocker(state, world_size)
+        if change:
             warnings.warn(
-                f"resuming with {world_size} ranks x {self.num_workers} workers, saved with "
-                f"{state['world_size']} x {state['num_workers']}: the data stream continues "
-                "with fresh samples but cannot replay the exact ones; keep trainer.devices, "
-                "trainer.num_nodes and data.num_workers for an exact resume",
+                f"{change}: the data stream continues with fresh samples but cannot replay the "
+                "exact ones",
                 stacklevel=2,
             )
             # A new seed, or the restarted streams would replay the run's first samples.
             self.seed = self.seed * 1_000_003 + state["next_batch"]
             self._position = StreamPosition(state["next_batch"], ())
         else:
-            self._position = StreamPosition(state["next_batch"], tuple(state["records"][rank]))
+            self._position = StreamPosition(state["next_batch"], tuple(state["streams"][rank]))
         self._next_batch = self._position.next_batch
-        self._records = list(self._position.records) or [0] * max(1, self.num_workers)
+        self._streams = list(self._position.streams) or [None] * max(1, self.num_workers)
+
+    def _resume_blocker(self, state: dict, world_size: int) -> str | None:
+        """Why the saved stream state cannot be continued exactly, or None."""
+        if state.get("format") != 2:
+            return "the checkpoint's data position was saved by an older pbe-lightning"
+        if state["world_size"] != world_size or state["num_workers"] != self.num_workers:
+            return (
+                f"resuming with {world_size} ranks x {self.num_workers} workers, saved with "
+                f"{state['world_size']} x {state['num_workers']} (keep trainer.devices, "
+                "trainer.num_nodes and data.num_workers for an exact resume)"
+            )
+        if state["sampling"] != self.sampling:
+            return f"data.sampling is {self.sampling}, the checkpoint used {state['sampling']}"
+        if state["shards"] != self._shards_fingerprint():
+            return "data.shards lists other shards than the checkpoint's run read"
+        return None
 
 
 def device_transform(batch: dict, masks: MaskGenerator, augment: Augment, training: bool) -> dict:
     """uint8 crops and boxes -> the model's batch contract, batched on the batch's device."""
-    image = batch["image"].float() / 127.5 - 1
+    image = batch["image"].float().div_(127.5).sub_(1)  # in place: a 512 px batch is 50 MB
     size = image.shape[-1]
     mask = batch.get("mask")
     if mask is None:
         mask = masks(batch["object_box"], batch["mask_box"], size)
-    reference = batch["reference"].float() / 255
+    reference = batch["reference"].float().div_(255)
     if training:
         image, mask = augment.scene(image, mask)
         reference = augment.reference(reference)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -193,7 +194,7 @@ def replace_failed(images: list, references: list, batch: dict) -> None:
         stacklevel=3,
     )
     # Copies: the incoming batch's tensors stay as the loader made them.
-    for key in ("object_box", "mask_box", "mask", "skipped"):
+    for key in ("object_box", "mask_box", "mask"):
         if key in batch:
             batch[key] = batch[key].clone()
     for i in failed:
@@ -201,5 +202,7 @@ def replace_failed(images: list, references: list, batch: dict) -> None:
         for key in ("object_box", "mask_box", "mask"):
             if key in batch:
                 batch[key][i] = batch[key][good[0]]
-    if "skipped" in batch:
-        batch["skipped"][SKIP_REASONS.index("bad_image")] += len(failed)
+    if "stream_state" in batch:
+        counts = list(batch["stream_state"].skipped)
+        counts[SKIP_REASONS.index("bad_image")] += len(failed)
+        batch["stream_state"] = replace(batch["stream_state"], skipped=tuple(counts))

@@ -16,6 +16,11 @@ import torch
 KEEP = 1.0
 EDIT = 0.0
 
+# Devices where picking the samples that draw the irregular shape costs nothing: the draw is
+# already on the host. Elsewhere (accelerators) every polygon is filled and chosen per sample,
+# which needs no host sync. Tests empty it to run the accelerator path on the CPU.
+SUBSET_DEVICES = ("cpu",)
+
 
 def pixel_centres(size: int, device: torch.device) -> torch.Tensor:
     """Normalised coordinates of pixel centres along one axis: ``(size,)``."""
@@ -24,12 +29,25 @@ def pixel_centres(size: int, device: torch.device) -> torch.Tensor:
 
 def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Rectangular holes: ``(B, 1, size, size)``, EDIT where the pixel centre is in the box."""
+    return masks_from_holes(box_holes(boxes, size))
+
+
+def box_holes(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, size, size)`` uint8, 1 where the pixel centre is in the box (the hole)."""
     centres = pixel_centres(size, boxes.device)
     x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
-    inside_x = (centres >= x0) & (centres < x1)  # (B, W)
-    inside_y = (centres >= y0) & (centres < y1)  # (B, H)
-    hole = inside_y[:, :, None] & inside_x[:, None, :]
-    return torch.where(hole, EDIT, KEEP)[:, None]
+    inside_x = ((centres >= x0) & (centres < x1)).to(torch.uint8)  # (B, W)
+    inside_y = ((centres >= y0) & (centres < y1)).to(torch.uint8)  # (B, H)
+    return inside_y[:, :, None] * inside_x[:, None, :]
+
+
+def masks_from_holes(holes: torch.Tensor) -> torch.Tensor:
+    """uint8 holes ``(B, H, W)`` (1 = hole) -> float masks ``(B, 1, H, W)``, KEEP=1 / EDIT=0.
+
+    ``holes ^ 1`` is KEEP (1) outside and EDIT (0) inside; uint8 arithmetic is several times
+    cheaper on the CPU than ``torch.where`` on booleans, and exact.
+    """
+    return (holes ^ 1).to(torch.float32)[:, None]
 
 
 def bezier_outline(
@@ -73,12 +91,22 @@ def bezier_outline(
 
 
 def polygon_masks(polygons: torch.Tensor, size: int) -> torch.Tensor:
-    """Fill closed polygons ``(B, N, 2)`` (even-odd rule): ``(B, 1, size, size)``.
+    """Fill closed polygons ``(B, N, 2)`` (even-odd rule): ``(B, 1, size, size)``."""
+    return masks_from_holes(polygon_holes(polygons, size))
 
-    Scanline fill: for every pixel row, the x positions where polygon edges cross it are sorted
-    and a pixel is inside when an odd number of crossings lie to its left. Memory is
-    ``B * size * N`` rather than ``B * size * size * N``, which keeps 512 px batches cheap.
+
+def polygon_holes(polygons: torch.Tensor, size: int) -> torch.Tensor:
+    """Even-odd fill of closed polygons ``(B, N, 2)``: ``(B, size, size)`` uint8, 1 = inside.
+
+    Scanline fill: a pixel is inside when an odd number of the polygon's edges cross its row
+    to the left of its centre. Each crossing is turned into the first column whose centre lies
+    strictly right of it (a search of ``B * size * N`` crossings among ``size`` sorted centres),
+    counted into a per-row histogram, and a running sum along the row gives every pixel its
+    number of crossings on the left. Same pixels as comparing each pixel with every crossing,
+    but no ``B * size * size`` search and no sort; uint8 counts wrap at 256, which keeps the
+    parity. Memory is ``B * size * N`` plus the ``B * size * size`` bytes of the result.
     """
+    batch = polygons.shape[0]
     centres = pixel_centres(size, polygons.device)
     start = polygons
     end = torch.roll(polygons, shifts=-1, dims=1)
@@ -87,13 +115,14 @@ def polygon_masks(polygons: torch.Tensor, size: int) -> torch.Tensor:
     rows = centres[None, :, None]  # (1, H, 1)
     crosses = (sy > rows) != (ey > rows)
     safe_dy = torch.where(ey == sy, torch.ones_like(ey), ey - sy)
-    x_cross = sx + (rows - sy) * (ex - sx) / safe_dy
-    x_cross = torch.where(crosses, x_cross, torch.full_like(x_cross, float("inf")))
-    x_cross, _ = torch.sort(x_cross, dim=-1)  # (B, H, N)
-    columns = centres[None, None, :].expand(polygons.shape[0], size, size).contiguous()
-    left_crossings = torch.searchsorted(x_cross.contiguous(), columns)
-    hole = left_crossings % 2 == 1
-    return torch.where(hole, EDIT, KEEP)[:, None]
+    x_cross = sx + (rows - sy) * (ex - sx) / safe_dy  # (B, H, N)
+    # Pixel j counts a crossing x when x < centre j: from column searchsorted(right=True) on.
+    # Edges that miss the row go to the spare column ``size``, which is dropped.
+    first = torch.searchsorted(centres, x_cross, right=True)
+    first = first.masked_fill_(~crosses, size)
+    counts = torch.zeros(batch, size, size + 1, dtype=torch.uint8, device=polygons.device)
+    counts.scatter_add_(2, first, torch.ones_like(first, dtype=torch.uint8))
+    return counts[..., :size].cumsum(-1, dtype=torch.uint8) & 1
 
 
 @dataclass
@@ -122,16 +151,27 @@ class MaskGenerator:
         size: int,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        rect = box_masks(mask_boxes, size)
+        holes = box_holes(mask_boxes, size)
         if self.irregular_prob == 0:
-            return rect
+            return masks_from_holes(holes)
         polygons = bezier_outline(
             object_boxes, mask_boxes, self.points_per_edge, self.jitter, generator
         )
-        irregular = polygon_masks(polygons, size)
-        draw = torch.rand(object_boxes.shape[0], generator=generator, device=rect.device)
-        use_irregular = (draw < self.irregular_prob)[:, None, None, None]
-        return torch.where(use_irregular, irregular, rect)
+        draw = torch.rand(object_boxes.shape[0], generator=generator, device=holes.device)
+        use_irregular = draw < self.irregular_prob
+        if holes.device.type in SUBSET_DEVICES:
+            # The draw is on the host already: fill only the samples that drew the Bezier shape.
+            index = use_irregular.nonzero().squeeze(1)
+            if len(index) == len(holes):
+                holes = polygon_holes(polygons, size)
+            elif len(index):
+                holes[index] = polygon_holes(polygons[index], size)
+        else:
+            # On an accelerator, selecting a subset would wait for the draw to reach the host;
+            # filling every polygon and choosing per sample keeps the queue running.
+            irregular = polygon_holes(polygons, size)
+            holes = torch.where(use_irregular[:, None, None], irregular, holes)
+        return masks_from_holes(holes)
 
 
 def mask_from_user_image(white_is_edit: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

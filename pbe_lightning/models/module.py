@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from diffusers import SchedulerMixin
 from torch.optim import Optimizer
 
+from pbe_lightning.logging_steps import is_logging_step
 from pbe_lightning.models.backbone import Backbone, vae_downscale
 from pbe_lightning.models.encoder import ExemplarEncoder
 from pbe_lightning.models.sampler import encode_latents, make_sampler, paint
@@ -58,8 +59,10 @@ class PaintByExampleModule(L.LightningModule):
         self.sample_steps = sample_steps
         self.guidance_scale = guidance_scale
         self.max_nonfinite_steps = max_nonfinite_steps
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        # Device tensors, read on the host only at logging steps (see stop_if_diverged).
+        self.nonfinite_in_a_row = torch.zeros(())
+        self.nonfinite_total = torch.zeros(())
+        self.last_update_skipped = torch.zeros(())  # 1.0 when the last optimiser step was skipped
         self.training_resolution: int | None = None  # saved with checkpoints, for inference
         # Kept so a checkpoint alone can rebuild the model (export, edit, evaluate).
         self.model_config = model_config
@@ -152,36 +155,73 @@ class PaintByExampleModule(L.LightningModule):
         prediction = self.unet(unet_input, t, encoder_hidden_states=context).sample
         return F.mse_loss(prediction.float(), noise.float())
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         batch_size = batch["image"].shape[0]
         loss = self.diffusion_loss(batch, self.draw_dropout(batch_size))
-        if not self.all_ranks_finite(loss):
-            return self.skip_nonfinite_step(loss)
-        self.nonfinite_in_a_row = 0
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        # Not prog_bar: Lightning reads those back every step (the progress bar shows it).
+        self.log("train/loss", loss, batch_size=batch_size)
         return loss
 
-    def all_ranks_finite(self, loss: torch.Tensor) -> bool:
-        # Every rank must skip together: a lone skip leaves DDP waiting for its gradients.
-        finite = bool(torch.isfinite(loss))
-        if self._trainer is None:
-            return finite
-        return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+    # -- non-finite steps, decided on the device ---------------------------------------------
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Skip the update when any gradient is non-finite, without the host looking.
 
-    def skip_nonfinite_step(self, loss: torch.Tensor) -> None:
-        """Returning None makes Lightning skip backward and the optimiser step."""
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total))
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+        After DDP's all-reduce every rank holds the same gradients, so every rank reaches the
+        same verdict with no extra collective; a NaN loss on one rank makes them NaN on all.
+        """
+        if self.grad_scaler() is not None:
+            return  # fp16: the GradScaler skips overflowing steps itself (and lowers its scale)
+        skipped = nonfinite_gradients(self.trainable_parameters())
+        self.last_update_skipped = skipped
+        self.nonfinite_in_a_row = (self.nonfinite_in_a_row.to(skipped) + skipped) * skipped
+        self.nonfinite_total = self.nonfinite_total.to(skipped) + skipped
+        skip_update_if(optimizer, skipped)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning would, for fused optimisers too.
+
+        Lightning refuses to clip under mixed precision when the optimiser unscales inside
+        its step (fused AdamW), since the gradients might still be scaled. bf16 never scales
+        them, and under fp16's GradScaler they are unscaled here first, so clipping is right.
+        """
+        if not gradient_clip_val:
+            return
+        if (scaler := self.grad_scaler()) is not None:
+            scaler.unscale_(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        if is_logging_step(self.trainer):  # a Python number logged is a host-to-device copy
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
+            self.log("train/nonfinite_steps", self.nonfinite_total, batch_size=1)
+            self.stop_if_diverged()
+
+    def on_train_end(self) -> None:
+        self.stop_if_diverged()
+
+    def stop_if_diverged(self) -> None:
+        """Read at logging steps only: skipped updates leave the weights as they were, so
+        noticing a few steps late loses nothing."""
+        in_a_row = int(self.nonfinite_in_a_row)
+        if in_a_row >= self.max_nonfinite_steps:
             raise RuntimeError(
-                f"the loss was non-finite ({loss.item()}) for {self.nonfinite_in_a_row} steps in a "
-                f"row (model.max_nonfinite_steps={self.max_nonfinite_steps}): training diverged; "
-                "lower model.optimizer.lr, set trainer.gradient_clip_val, or resume from an "
-                "earlier checkpoint"
+                f"the loss or its gradients were non-finite for {in_a_row} steps in a row "
+                f"(model.max_nonfinite_steps={self.max_nonfinite_steps}; the updates were "
+                "skipped): training diverged; lower model.optimizer.lr, set "
+                "trainer.gradient_clip_val, or resume from an earlier checkpoint"
             )
-        return None
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise per batch: val/loss then moves only when the model does.
@@ -271,3 +311,26 @@ class PaintByExampleModule(L.LightningModule):
         checkpoint["state_dict"].update(
             {k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)}
         )
+
+
+def nonfinite_gradients(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """1.0 if any gradient holds an inf or NaN, else 0.0: a device scalar, one fused read."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.stack(torch._foreach_norm(grads)).float().sum()
+    return (~torch.isfinite(total)).float()
+
+
+def skip_update_if(optimizer: Optimizer, skipped: torch.Tensor) -> None:
+    """Have the optimiser skip this update when ``skipped`` is 1.
+
+    Fused optimisers (``fused=True`` AdamW, the default) take the flag as ``GradScaler``
+    hands it to them and skip inside their kernel: no host sync. Others cannot skip on the
+    device; their gradients are dropped after a host read of the flag (one sync per step).
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = skipped.to(torch.float32)
+        optimizer.grad_scale = None
+    elif skipped.item():
+        optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,96 @@
+"""The training stream resumes by seeking, not replaying, and continues bit for bit."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import pytest
+import torch
+
+from pbe_lightning.data import stream as stream_module
+from pbe_lightning.data.datamodule import expand_urls
+from pbe_lightning.data.demo import demo_shard_pattern, ensure_demo_dataset
+from pbe_lightning.data.samples import SampleSpec
+from pbe_lightning.data.stream import EpochShards, StreamPosition, TrainStream
+
+SPEC = SampleSpec(resolution=64, reference_size=32)
+PER_SHARD = 5  # small shards: a few batches cross shard boundaries
+BUFFER = 8  # larger than a shard: the buffer holds records of several shards
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    root = tmp_path_factory.mktemp("small_shards")
+    ensure_demo_dataset(root, samples=12 * PER_SHARD, per_shard=PER_SHARD, size=64)
+    return expand_urls(demo_shard_pattern(root, 12))
+
+
+def make_stream(
+    urls: list[str], sampling: str, position: StreamPosition | None = None
+) -> TrainStream:
+    return TrainStream(
+        urls,
+        SPEC,
+        batch_size=3,
+        seed=5,
+        shuffle_buffer=BUFFER,
+        position=position or StreamPosition(),
+        sampling=sampling,
+    )
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in ("image", "reference", "object_box", "mask_box"):
+            assert torch.equal(x[key], y[key]), key
+        assert x["stream_state"].state == y["stream_state"].state
+
+
+@pytest.mark.parametrize("sampling", ["resampled", "epochs"])
+def test_a_stream_resumed_from_a_batchs_state_continues_bit_for_bit(urls, sampling):
+    uninterrupted = list(islice(iter(make_stream(urls, sampling)), 14))
+    for stop in (4, 9):  # after several shards: the buffer is full and spans shards
+        state = uninterrupted[stop]["stream_state"].state
+        assert len(state["buffer"]) == BUFFER - 1  # full: one drawn, refilled before the next
+        assert len({shard for shard, _ in state["buffer"]}) >= 2
+        position = StreamPosition(next_batch=stop + 1, streams=(state,))
+        resumed = list(islice(iter(make_stream(urls, sampling, position)), 14 - stop - 1))
+        assert_same_batches(resumed, uninterrupted[stop + 1 :])
+
+
+def test_a_resumed_stream_reads_only_its_buffer_and_the_shard_in_flight(urls, monkeypatch):
+    far = list(islice(iter(make_stream(urls, "resampled")), 60))[-1]["stream_state"].state
+    assert far["records"] > 150  # ~30 shards consumed
+    read = []
+    original = stream_module.shard_reader
+
+    def counting_reader(url: str, errors: list) -> object:
+        for record in original(url, errors):
+            read.append(url)
+            yield record
+
+    monkeypatch.setattr(stream_module, "shard_reader", counting_reader)
+    position = StreamPosition(next_batch=60, streams=(far,))
+    next(iter(make_stream(urls, "resampled", position)))
+    # Seek: buffered records (<= BUFFER) + the shard in flight; then one batch of 3 samples.
+    assert len(read) <= BUFFER + PER_SHARD + 3 + PER_SHARD
+
+
+def test_epochs_deal_every_shard_to_exactly_one_stream_per_pass():
+    count, streams = 11, 3
+    for epoch in range(3):
+        dealt = [EpochShards(count, 7, s, streams).shards_of(epoch) for s in range(streams)]
+        flat = [shard for shards in dealt for shard in shards]
+        assert sorted(flat) == list(range(count))
+    picker = EpochShards(count, 7, 0, streams)
+    first_pass = [picker.next_shard() for _ in range(len(picker.shards_of(0)))]
+    assert first_pass == picker.shards_of(0)
+    assert picker.next_shard() == picker.shards_of(1)[0]  # then the next pass, reshuffled
+
+
+def test_epochs_need_a_shard_per_stream(urls):
+    with pytest.raises(ValueError, match="data.sampling=epochs.*12 shards"):
+        EpochShards(12, 0, 0, 16)
+    with pytest.raises(ValueError, match="data.sampling='bogus'"):
+        make_stream(urls, "bogus")

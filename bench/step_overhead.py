@@ -6,9 +6,9 @@
 
 Both sides run the same modules on the same pre-made batches (the demo config's loader
 output, uint8 crops on the host), doing the same maths per step: move the batch to the
-device, masks and augmentation (``device_transform``), the module's loss, backward, a fused
-AdamW step. The Lightning side is ``train.py``'s trainer, with the default callbacks and
-the CSV logger, logging every ``trainer.log_every_n_steps``; validation and periodic
+device, masks and augmentation (``device_transform``), the module's loss, backward, the
+config's optimiser step. The Lightning side is ``train.py``'s trainer, with the default
+callbacks and the CSV logger, logging every ``trainer.log_every_n_steps``; validation and periodic
 checkpoints are switched off, since they are not per-step costs. Rounds alternate the two
 sides in one process; a side's time is the median over rounds of its per-step time over
 ``--steps`` steps after ``--warmup`` steps.
@@ -102,7 +102,7 @@ def lightning_round(cfg, module, datamodule, batches: list[dict], clock: StepClo
 
 def bare_round(module, datamodule, batches: list[dict], warmup: int, steps: int) -> float:
     device = module.device
-    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5, fused=True)
+    optimizer = module.configure_optimizers()["optimizer"]  # the config's, as Lightning builds
     module.train()
     start = 0.0
     for index, raw in enumerate(batches[: warmup + steps + 1]):

@@ -1,21 +1,25 @@
 """Data-loading cost: the public Paint-by-Example per-sample CPU pipeline against ours.
 
-    python bench/data_throughput.py                 # CPU: everything, ~5 min on 2 cores
+    python bench/data_throughput.py                 # CPU: everything, ~6 min on 2 cores
     python bench/data_throughput.py --device cuda   # the batched device side on a GPU
 
 Generates (once, cached) ``--images`` synthetic photo-like JPEGs of 640-1024 px with boxes in
-the shard contract, then measures in one run:
+the shard contract, and sets of photos of ``--sizes`` px (long side), then measures in one run:
 
 - CPU time per sample of the per-sample work, single process, one torch thread (what each
   DataLoader worker runs with): ``reference`` (public code: full decode, full-image float
   tensor and mask, crop, resize, per-sample flip/rotate/blur/elastic of the reference),
-  ``ours`` (``make_sample``: draft decode, crop and resize, uint8 out) and ``ours-device``
+  ``ours`` (``make_sample``: DCT-scaled decode where both crops allow it, crop and resize
+  with torch's uint8 kernel, uint8 out) and ``ours-device``
   (``make_sample`` with ``decode_on_device``: json + header only, JPEG bytes out);
 - samples/s through a DataLoader with 1 and 2 workers (batches collated in the worker, as
   ``TrainStream`` does), with the CPU time the workers spent per sample;
 - the batched device side per batch: ``device_transform`` (masks + Kornia augmentation) and,
   for ``ours-device``, ``decode_batch`` (decode, orient, crop, resize), on ``--device``;
-- a cProfile of ``make_sample``: where our remaining worker time goes.
+- a cProfile of ``make_sample``: where our remaining worker time goes;
+- per photo size (``--sizes``, default 640, 1280 and 2560 px): worker CPU per sample of
+  ``reference`` and ``ours`` and their ratio, the profile summary, and how far ``ours``'s
+  crops are from float crops of the full-resolution photo (``--accuracy`` samples a size).
 
 Timings on shared machines are noisy: each is repeated ``--repeats`` times and the median shown.
 """
@@ -49,11 +53,20 @@ from hydra.utils import instantiate
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from pbe_lightning.data import samples
 from pbe_lightning.data.crops import BoxFilter, CropSampler, choose_box
 from pbe_lightning.data.datamodule import device_transform
 from pbe_lightning.data.device_decode import decode_batch
 from pbe_lightning.data.inspect import load_data_config
-from pbe_lightning.data.samples import SampleSpec, SkipSample, make_sample
+from pbe_lightning.data.samples import (
+    DISPLAY_TRANSPOSE,
+    SampleSpec,
+    SkipSample,
+    decode_scale,
+    make_sample,
+    open_image,
+    orientation,
+)
 
 DATA_VERSION = 1
 PER_SHARD = 100
@@ -63,9 +76,14 @@ Sample = Callable[[dict, random.Random], dict]
 
 
 # ----------------------------------------------------------------------------- data
-def ensure_shards(root: Path, images: int, seed: int = 0) -> list[str]:
-    """Synthetic photo-like JPEGs in shards, generated once per (version, count, seed)."""
+def ensure_shards(root: Path, images: int, seed: int = 0, size: int | None = None) -> list[str]:
+    """Synthetic photo-like JPEGs in shards, generated once per (version, count, seed, size).
+
+    ``size``: every photo's long side in px (the short side 2/3 to 1 of it, either way up);
+    None: 640-1024 px per side, the original set."""
     manifest = {"version": DATA_VERSION, "images": images, "seed": seed}
+    if size is not None:
+        manifest["size"] = size
     shards = [str(root / f"bench-{i:04d}.tar") for i in range(math.ceil(images / PER_SHARD))]
     done = root / "manifest.json"
     if done.is_file() and json.loads(done.read_text()) == manifest:
@@ -75,7 +93,8 @@ def ensure_shards(root: Path, images: int, seed: int = 0) -> list[str]:
     for number, shard in enumerate(shards):
         with wds.TarWriter(shard) as sink:
             for index in range(number * PER_SHARD, min(images, (number + 1) * PER_SHARD)):
-                jpeg, boxes = synthetic_photo(np.random.default_rng([seed, index]))
+                rng = np.random.default_rng([seed, index])
+                jpeg, boxes = synthetic_photo(rng) if size is None else sized_photo(rng, size)
                 sink.write({"__key__": f"img{index:06d}", "jpg": jpeg, "json": {"boxes": boxes}})
     done.write_text(json.dumps(manifest))
     return shards
@@ -97,6 +116,32 @@ def synthetic_photo(rng: np.random.Generator) -> tuple[bytes, list[list[float]]]
         boxes.append([round(v, 1) for v in (x0, y0, x0 + w, y0 + h)])
     pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)
     pixels += rng.normal(0, 7, pixels.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue(), boxes
+
+
+def sized_photo(rng: np.random.Generator, size: int) -> tuple[bytes, list[list[float]]]:
+    """A photo with a ``size`` px long side, objects of 8-75 % of each side (log-uniform, so
+    that small objects, frequent in real photos, are too), the first one at least 15 %."""
+    short = int(size * rng.uniform(2 / 3, 1.0))
+    width, height = (size, short) if rng.random() < 0.7 else (short, size)
+    field = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    boxes = []
+    for number in range(rng.integers(1, 5)):
+        low = math.log(0.15 if number == 0 else 0.08)
+        w, h = (math.exp(rng.uniform(low, math.log(0.75))) * side for side in (width, height))
+        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        outline = max(3, size // 320)
+        shape((x0, y0, x0 + w, y0 + h), fill=fill, outline=(0, 0, 0), width=outline)
+        boxes.append([round(v, 1) for v in (x0, y0, x0 + w, y0 + h)])
+    blur = image.filter(ImageFilter.GaussianBlur(1.5 * size / 800))
+    pixels = np.asarray(blur, dtype=np.float32)
+    pixels += rng.normal(0, 7, pixels.shape).astype(np.float32)
     out = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
     return out.getvalue(), boxes
@@ -266,23 +311,32 @@ def synchronize(device: torch.device) -> None:
 
 PIL_DECODE = "<method 'decode' of 'ImagingDecoder' objects>"
 PIL_RESIZE = "<method 'resize' of 'ImagingCore' objects>"
+TORCH_RESIZE = "<built-in method torch._ops.aten._upsample_bilinear2d_aa>"
+PIL_PASTE = "<method 'paste' of 'ImagingCore' objects>"  # the copy into the kernel's input
 
 
 def profile_make_sample(records: list[dict], spec: SampleSpec, top: int) -> str:
-    """Own time per function, per sample; decode and resize (the two PIL C calls) summed."""
+    """Own time per function, per sample; decode, resize (torch's kernel and PIL's) and the
+    copy into the kernel's input summed. The first line is the summary; ``top`` lines follow."""
     profiler = cProfile.Profile()
     profiler.enable()
     cpu_per_sample(lambda r, rng: make_sample(r, spec, rng), records)
     profiler.disable()
     own = {key: row[2] for key, row in pstats.Stats(profiler).stats.items()}  # tottime
     total, scale = sum(own.values()), 1000 / len(records)
-    decode = sum(t for key, t in own.items() if key[2] == PIL_DECODE)
-    resize = sum(t for key, t in own.items() if key[2] == PIL_RESIZE)
-    rest = total - decode - resize
+    parts = {
+        name: sum(t for key, t in own.items() if key[2] == c_call)
+        for name, c_call in (
+            ("JPEG decode", PIL_DECODE),
+            ("torch resize", TORCH_RESIZE),
+            ("PIL resize", PIL_RESIZE),
+            ("copy to torch", PIL_PASTE),
+        )
+    }
+    parts["everything else"] = total - sum(parts.values())
     lines = [
-        f"JPEG decode {decode * scale:.2f} ms/sample ({100 * decode / total:.0f}%), "
-        f"PIL resize {resize * scale:.2f} ({100 * resize / total:.0f}%), "
-        f"everything else {rest * scale:.2f} ({100 * rest / total:.0f}%)",
+        "ms/sample: "
+        + ", ".join(f"{n} {t * scale:.2f} ({100 * t / total:.0f}%)" for n, t in parts.items()),
         f"{'own time':>9}  {'ms/sample':>9}  function",
     ]
     for (file, line, name), tottime in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
@@ -320,11 +374,165 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where the batched side runs")
     parser.add_argument("--device-batches", type=int, default=8)
     parser.add_argument("--profile-top", type=int, default=15)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--sizes",
+        type=int_list,
+        default=None,
+        help="photo long sides, px, for the worker CPU comparison by size; default 640,1280,2560 "
+        "with --device cpu, none otherwise (a CPU measure: gpu.sh's time goes to the device)",
+    )
+    parser.add_argument(
+        "--size-images", type=int_list, default=[96, 64, 32], help="photos per size, in order"
+    )
+    parser.add_argument("--size-repeats", type=int, default=5)
+    parser.add_argument("--accuracy", type=int, default=8, help="samples a size, float check")
+    parser.add_argument(
+        "--sizes-only", action="store_true", help="only the per-size worker CPU comparison"
+    )
+    args = parser.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [640, 1280, 2560] if args.device == "cpu" else []
+    if len(args.size_images) < len(args.sizes):
+        args.size_images += args.size_images[-1:] * (len(args.sizes) - len(args.size_images))
+    return args
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
 
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if not args.sizes_only:
+        compare_pipelines(args)
+    if args.sizes:
+        compare_sizes(args)
+
+
+def compare_sizes(args: argparse.Namespace) -> None:
+    """Worker CPU per sample, ``reference`` against ``ours``, on photos of each size."""
+    spec = SampleSpec()
+    pipelines: dict[str, Sample] = {
+        "reference": ReferencePipeline(),
+        "ours": lambda r, rng: make_sample(r, spec, rng),
+    }
+    sets = {}
+    for size, count in zip(args.sizes, args.size_images):
+        sets[size] = load_records(ensure_shards(args.cache / f"{size}px-{count}", count, size=size))
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    cpu = interleaved(
+        args.size_repeats,
+        {
+            (size, name): partial(cpu_per_sample, fn, records)
+            for size, records in sets.items()
+            for name, fn in pipelines.items()
+        },
+    )
+    print(f"\nWorker CPU per sample by photo size (median of {args.size_repeats} rounds):")
+    print(
+        "\n| photo long side | photos | mean JPEG | reference ms/sample | ours ms/sample | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for size, records in sets.items():
+        kilobytes = statistics.mean(len(r["jpg"]) for r in records) / 1024
+        ours, reference = cpu[size, "ours"], cpu[size, "reference"]
+        print(
+            f"| {size} px | {len(records)} | {kilobytes:.0f} kB | {1000 * reference:.2f} "
+            f"| {1000 * ours:.2f} | {ours / reference:.3f} |"
+        )
+    for size in sets:
+        ratio = cpu[size, "ours"] / cpu[size, "reference"]
+        print(f"worker CPU ratio ours/reference at {size} px: {ratio:.2f}")
+    print("\nWhere make_sample's time goes, by photo size (cProfile):")
+    for size, records in sets.items():
+        print(f"{size} px: " + profile_make_sample(records, spec, 0).splitlines()[0])
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.accuracy:
+        print(f"\nCrops against float crops of the full-resolution photo ({args.accuracy} a size):")
+        for size, records in sets.items():
+            print(f"{size} px: " + accuracy(records, spec, args.accuracy))
+
+
+def accuracy(records: list[dict], spec: SampleSpec, count: int) -> str:
+    """How ``make_sample``'s crops differ from PIL's box filter computed in float on the full
+    decode: mean abs difference (of 255), and offset in output pixels (least squares on the
+    gradients); with how many records decode at a DCT scale and crops fall back to PIL."""
+    scaled, errors, offsets, fallbacks, crops = 0, [], [], 0, 0
+    kernel = samples._torch_crop_resize
+
+    def counted(*args: object) -> torch.Tensor | None:
+        nonlocal fallbacks, crops
+        out = kernel(*args)
+        crops, fallbacks = crops + 1, fallbacks + (out is None)
+        return out
+
+    samples._torch_crop_resize = counted
+    try:
+        for index, record in enumerate(records[:count]):
+            sample = make_sample(record, spec, random.Random(f"bench:{index}"))
+            geometry, turn = draws(record, spec, random.Random(f"bench:{index}"))
+            scaled += decode_scale(open_image(record["jpg"], spec), geometry, spec) > 1
+            full = Image.open(io.BytesIO(record["jpg"])).convert("RGB")
+            pixels = np.asarray(full.transpose(DISPLAY_TRANSPOSE[turn]) if turn > 1 else full)
+            for key, box in (("image", geometry.crop), ("reference", geometry.reference_box)):
+                ours = sample[key].numpy().astype(np.float64)
+                exact = float_crop(pixels, box, ours.shape[-1])
+                errors.append(np.abs(ours - exact).mean())
+                offsets.append(offset(ours, exact))
+    finally:
+        samples._torch_crop_resize = kernel
+    return (
+        f"mean abs difference {statistics.mean(errors):.2f} (max {max(errors):.2f}), "
+        f"offset {statistics.mean(offsets):.3f} px (max {max(offsets):.3f}); "
+        f"{scaled}/{min(count, len(records))} decoded at a DCT scale, "
+        f"{fallbacks}/{crops} crops by PIL"
+    )
+
+
+def draws(record: dict, spec: SampleSpec, rng: random.Random):
+    """``make_sample``'s crop geometry and EXIF orientation for ``record`` (same draws)."""
+    boxes = [tuple(b) for b in json.loads(record["json"])["boxes"]]
+    image = open_image(record["jpg"], spec)
+    turn = orientation(image)
+    width, height = samples.displayed_size(image, turn)
+    box = samples._choose(boxes, width, height, spec, rng)
+    return spec.crop_sampler(box, width, height, rng), turn
+
+
+def float_crop(pixels: np.ndarray, box: tuple, size: int) -> np.ndarray:
+    """(3, size, size): PIL's bilinear ``resize(box=box)`` (a triangle filter as wide as the
+    scale when shrinking) in float64, with no rounding."""
+    height, width = pixels.shape[:2]
+    down, across = (triangle(n, box[i], box[i + 2], size) for i, n in ((1, height), (0, width)))
+    rows, columns = np.flatnonzero(down.any(0)), np.flatnonzero(across.any(0))
+    region = pixels[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1].astype(np.float64)
+    down, across = down[:, rows[0] : rows[-1] + 1], across[:, columns[0] : columns[-1] + 1]
+    return np.stack([down @ region[..., c] @ across.T for c in range(3)])
+
+
+def triangle(length: int, start: float, end: float, size: int) -> np.ndarray:
+    scale = (end - start) / size
+    radius = max(scale, 1.0)
+    weights = np.zeros((size, length))
+    for i in range(size):
+        center = start + (i + 0.5) * scale
+        lo, hi = max(int(center - radius + 0.5), 0), min(int(center + radius + 0.5), length)
+        taps = np.clip(1 - np.abs((np.arange(lo, hi) - center + 0.5) / radius), 0, None)
+        weights[i, lo:hi] = taps / taps.sum()
+    return weights
+
+
+def offset(ours: np.ndarray, exact: np.ndarray) -> float:
+    """The larger of the x and y offsets of ``ours`` from ``exact``, in output pixels."""
+    grey = exact.mean(0)
+    gy, gx = (g[2:-2, 2:-2].ravel() for g in np.gradient(grey))
+    difference = (ours.mean(0) - grey)[2:-2, 2:-2].ravel()
+    offsets, *_ = np.linalg.lstsq(np.stack([gx, gy], 1), difference, rcond=None)
+    return float(np.abs(offsets).max())
+
+
+def compare_pipelines(args: argparse.Namespace) -> None:
+    """The three pipelines on the 640-1024 px set: CPU, loaders, device side, profile."""
     device = torch.device(args.device)
     shards = ensure_shards(args.cache / f"{args.images}", args.images)
     records = load_records(shards)
@@ -370,7 +578,9 @@ def main(argv: list[str]) -> None:
     )
     print_results(args, cpu, loaders, device_side, device)
     print(f"\ncProfile of make_sample ({len(subset)} records, top by own time):")
+    torch.set_num_threads(1)  # as in a DataLoader worker
     print(profile_make_sample(subset, spec, args.profile_top))
+    torch.set_num_threads(os.cpu_count() or 1)
 
 
 def print_results(

@@ -25,22 +25,13 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pbe_lightning.data.crops import Box
-from pbe_lightning.data.samples import SKIP_REASONS, Encoded
+from pbe_lightning.data.samples import DISPLAY_TENSOR, SKIP_REASONS, Encoded
 
 CHUNK_ROWS = 1024
 
 # EXIF orientation -> how to show the stored (C, H, W) pixels; the same transposes as
 # samples.DISPLAY_TRANSPOSE (PIL's ROTATE_90 turns counter-clockwise, as torch.rot90 k=1).
-DISPLAY: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
-    1: lambda x: x,
-    2: lambda x: x.flip(-1),
-    3: lambda x: x.flip(-2, -1),
-    4: lambda x: x.flip(-2),
-    5: lambda x: x.transpose(-2, -1),
-    6: lambda x: torch.rot90(x, -1, dims=(-2, -1)),
-    7: lambda x: torch.rot90(x, 2, dims=(-2, -1)).transpose(-2, -1),
-    8: lambda x: torch.rot90(x, 1, dims=(-2, -1)),
-}
+DISPLAY: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {1: lambda x: x, **DISPLAY_TENSOR}
 
 
 def is_encoded(batch: dict) -> bool:

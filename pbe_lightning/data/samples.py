@@ -1,8 +1,10 @@
 """One shard record (raw bytes) -> one training sample (small uint8 tensors), in a loader worker.
 
 The worker does the least it can: parse the boxes, draw the crop geometry, decode the JPEG at
-the smallest DCT scale that still covers the crop (PIL ``draft``), crop and resize. Masks and
-reference augmentation are batched on the accelerator later (``device_transform``).
+the largest DCT scale both crops allow (PIL ``draft``), in its stored orientation, and crop and
+resize with torch's uint8 antialiased kernel on PIL's fractional-box geometry (``_axis_plan``);
+only the small crops are turned as EXIF says. Masks and reference augmentation are batched on
+the accelerator later (``device_transform``).
 
 With ``SampleSpec.decode_on_device`` the worker stops before decoding: it passes the JPEG's
 bytes and the crop geometry in full-image pixels, and ``pbe_lightning.data.device_decode``
@@ -49,6 +51,22 @@ DISPLAY_TRANSPOSE = {
 }
 # Orientations 5-8 rotate by 90 degrees: the displayed width is the stored height.
 TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+# Crops are resized by torch's antialiased bilinear kernel (AVX2 for uint8: 3-8x PIL's time
+# here), which only samples from a whole-pixel start: see ``_axis_plan``. How far its grid may
+# sit from the box's, in input pixels (output pixels when enlarging), and how many extra leading
+# output pixels it may compute to get there; past either, PIL's exact box resize does the crop.
+ALIGN_TOLERANCE = 0.02
+MAX_LEAD = 256
+# A (C, H, W) tensor in the stored orientation -> as displayed (DISPLAY_TRANSPOSE's, in torch).
+DISPLAY_TENSOR = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-2, -1),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-2, -1),
+    6: lambda x: torch.rot90(x, -1, dims=(-2, -1)),
+    7: lambda x: torch.rot90(x, 2, dims=(-2, -1)).transpose(-2, -1),
+    8: lambda x: torch.rot90(x, 1, dims=(-2, -1)),
+}
 # Transparent pixels hold arbitrary colours; show them as a viewer on a white page would.
 ALPHA_BACKGROUND = (255, 255, 255, 255)
 
@@ -230,29 +248,32 @@ def displayed_size(image: Image.Image, turn: int) -> tuple[int, int]:
     return image.width, image.height
 
 
-def decode_rgb(image: Image.Image, scale_needed: float, turn: int) -> tuple[Image.Image, float]:
-    """Decode as displayed RGB; a JPEG at the smallest DCT scale still >= ``scale_needed``.
+def decode_rgb(image: Image.Image, scale: int) -> tuple[Image.Image, float]:
+    """Decode as RGB in the stored orientation; a JPEG at 1/``scale`` of its size (DCT scaling).
 
-    Returns the image and the factor from full-size displayed pixels to its pixels, so a
-    crop downscaled 4x from a 4000 px photo decodes about 16x fewer pixels. A truncated file
-    is skipped, not decoded partially (LOAD_TRUNCATED_IMAGES stays off): the missing part
-    would be flat grey, possibly under the box.
+    Returns the image and the factor from full-size pixels to its pixels (exactly 1/scale:
+    libjpeg's scaled pixel ``i`` covers full-size pixels ``scale*i`` to ``scale*(i+1)``, even
+    where the last one is cut short). A truncated file is skipped, not decoded partially
+    (LOAD_TRUNCATED_IMAGES stays off): the missing part would be flat grey, possibly under the
+    box.
     """
-    full_width, _ = displayed_size(image, turn)
+    width = image.width
+    factor = 1.0
     try:
-        if isinstance(image, JpegImagePlugin.JpegImageFile) and scale_needed < 1:
-            target = (math.ceil(image.width * scale_needed), math.ceil(image.height * scale_needed))
-            image.draft("RGB", target)
+        if scale > 1 and isinstance(image, JpegImagePlugin.JpegImageFile):
+            drafted = image.draft("RGB", (width // scale, image.height // scale))
+            if drafted is not None:
+                factor = 1 / round(width / drafted[1][2])
         image.load()
-        rgb = to_rgb(image)
+        return to_rgb(image), factor
     except Exception as error:
         raise SkipSample("bad_image", f"{type(error).__name__}: {error}") from None
-    if turn in DISPLAY_TRANSPOSE:
-        rgb = rgb.transpose(DISPLAY_TRANSPOSE[turn])
-    return rgb, rgb.width / full_width
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as RGB over white; an RGB image without transparency as it is (no copy)."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: keep the top 8 bits instead of letting PIL clip to white.
         array = np.asarray(image).astype(np.int64) >> 8
@@ -261,6 +282,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, ALPHA_BACKGROUND)
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
+
+
+def stored_box(box: Box, turn: int, width: int, height: int) -> Box:
+    """A box of the displayed image in the stored image's pixels; ``width``, ``height``: the
+    stored size. Cropping there and showing the small result as EXIF ``turn`` says gives the
+    displayed image's crop, without transposing the whole image."""
+    x0, y0, x1, y1 = box
+    return {
+        1: box,
+        2: (width - x1, y0, width - x0, y1),
+        3: (width - x1, height - y1, width - x0, height - y0),
+        4: (x0, height - y1, x1, height - y0),
+        5: (y0, x0, y1, x1),
+        6: (y0, height - x1, y1, height - x0),
+        7: (width - y1, height - x1, width - y0, height - x0),
+        8: (width - y1, x0, width - y0, x1),
+    }[turn]
 
 
 def scaled(box: Box, factor: float) -> tuple[float, ...]:
@@ -310,12 +348,13 @@ def device_decodable(image: Image.Image, raw: bytes) -> bool:
 def _decode_crops(
     image: Image.Image, geometry: CropGeometry, spec: SampleSpec, turn: int
 ) -> dict[str, torch.Tensor]:
-    image, factor = decode_rgb(image, _scale_needed(geometry, spec), turn)
+    width, height = image.size  # stored, full size: decoding at a DCT scale changes image.size
+    crop = stored_box(geometry.crop, turn, width, height)
+    reference = stored_box(geometry.reference_box, turn, width, height)
+    image, factor = decode_rgb(image, decode_scale(image, geometry, spec))
     return {
-        "image": _crop_resize(image, scaled(geometry.crop, factor), spec.resolution),
-        "reference": _crop_resize(
-            image, scaled(geometry.reference_box, factor), spec.reference_size
-        ),
+        "image": _crop_resize(image, scaled(crop, factor), spec.resolution, turn),
+        "reference": _crop_resize(image, scaled(reference, factor), spec.reference_size, turn),
     }
 
 
@@ -330,16 +369,97 @@ def _choose(boxes: list[Box], width: int, height: int, spec: SampleSpec, rng: ra
     return box
 
 
-def _scale_needed(geometry: CropGeometry, spec: SampleSpec) -> float:
+def decode_scale(image: Image.Image, geometry: CropGeometry, spec: SampleSpec) -> int:
+    """The largest JPEG DCT scale (1, 2, 4 or 8) at which both crops still have at least their
+    output's pixels across: the scene crop ``resolution``, the reference box ``reference_size``
+    on its short side. A reference that needs the full resolution gets it."""
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):
+        return 1
     crop_side = geometry.crop[2] - geometry.crop[0]
     rx0, ry0, rx1, ry1 = geometry.reference_box
-    reference_side = min(rx1 - rx0, ry1 - ry0)
-    return max(spec.resolution / crop_side, spec.reference_size / max(reference_side, 1.0))
+    room = min(crop_side / spec.resolution, min(rx1 - rx0, ry1 - ry0) / spec.reference_size)
+    return next((s for s in (8, 4, 2) if room >= s), 1)
 
 
-def _crop_resize(image: Image.Image, box: tuple[float, ...], size: int) -> torch.Tensor:
-    # Float rounding in the draft factor can put an edge a hair past the image; PIL refuses it.
+def _crop_resize(image: Image.Image, box: tuple[float, ...], size: int, turn: int) -> torch.Tensor:
+    """``box`` (stored-orientation pixels, fractional) of RGB ``image`` resized to ``size`` with
+    PIL's bilinear box filter, shown as the EXIF ``turn`` says: (3, size, size) uint8."""
+    # Float rounding in the scale factor can put an edge a hair past the image; PIL refuses it.
     x0, y0, x1, y1 = box
     box = (max(x0, 0.0), max(y0, 0.0), min(x1, image.width), min(y1, image.height))
-    region = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
-    return torch.from_numpy(np.asarray(region).copy()).permute(2, 0, 1)
+    out = _torch_crop_resize(image, box, size)
+    if out is None:
+        region = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
+        out = torch.from_numpy(np.array(region)).permute(2, 0, 1)
+    return DISPLAY_TENSOR[turn](out) if turn in DISPLAY_TENSOR else out
+
+
+def _torch_crop_resize(image: Image.Image, box: Box, size: int) -> torch.Tensor | None:
+    """PIL's ``resize(box=box)`` with torch's kernel, or None where it cannot place its grid
+    within ALIGN_TOLERANCE of PIL's (contiguous (3, size, size) uint8)."""
+    across = _axis_plan(box[0], box[2], size, image.width)
+    down = _axis_plan(box[1], box[3], size, image.height)
+    if across is None or down is None:
+        return None
+    (left, right, lead_x, scale_x), (top, bottom, lead_y, scale_y) = across, down
+    region = _region(image, top, bottom, left, right)
+    if region is None:
+        return None
+    out = torch.ops.aten._upsample_bilinear2d_aa(
+        region, [lead_y + size, lead_x + size], False, 1 / scale_y, 1 / scale_x
+    )
+    return out[0, :3, lead_y:, lead_x:].contiguous()
+
+
+def _axis_plan(
+    start: float, end: float, size: int, length: int
+) -> tuple[int, int, int, float] | None:
+    """Where torch's kernel must read along one axis to sample ``[start, end)`` of ``length``
+    pixels onto ``size`` pixels as PIL's box resize does: ``(first, last, lead, scale)``.
+
+    Both place output ``i``'s triangle filter (radius ``max(scale, 1)`` input pixels) at
+    ``start + scale * (i + 0.5)``, but torch counts from the first pixel it is given, a whole
+    one. So it is given pixels from ``first = start - scale * lead`` on, an integer within
+    ALIGN_TOLERANCE for some ``lead``, and its first ``lead`` outputs are dropped. ``first``
+    may be negative: edge pixels repeat there (only outputs whose filter crosses the image
+    edge see them; PIL instead reweights the pixels inside). None where no lead up to
+    MAX_LEAD works, e.g. a scale of a simple fraction and an unlucky start.
+    """
+    scale = (end - start) / size
+    radius = max(scale, 1.0)
+    tolerance = ALIGN_TOLERANCE * min(scale, 1.0)
+    # PIL's first tap for output 0 (0 if the filter crosses the edge), and its last for the
+    # last output, plus one pixel: the kernel's grid sits up to ``tolerance`` off PIL's.
+    first_tap = max(math.floor(start + 0.5 * scale - radius + 0.5), 0)
+    last = min(length, math.floor(end - 0.5 * scale + radius + 0.5) + 1)
+    for lead in range(MAX_LEAD + 1):
+        origin = start - scale * lead
+        first = round(origin)
+        if abs(origin - first) <= tolerance and (first < first_tap or first == first_tap == 0):
+            return first, last, lead, scale
+    return None
+
+
+def _region(
+    image: Image.Image, top: int, bottom: int, left: int, right: int
+) -> torch.Tensor | None:
+    """Rows ``top:bottom`` and columns ``left:right`` of RGB ``image`` as a contiguous
+    (1, 4, h, w) channels-last uint8 tensor (RGB and a spare byte: what the kernel reads
+    without another copy); rows and columns before the image repeat its edge.
+
+    One copy, by PIL's paste into an RGBX image that ``frombuffer`` maps onto the array's
+    memory: PIL keeps RGB as 4 bytes a pixel, so rows are copied as they are, where
+    ``np.asarray`` packs the whole image to 3 bytes a pixel and joins chunks (~1 ms a
+    megapixel). The core ``paste`` is called because ``Image.paste`` would copy a mapped
+    (read-only) image first; it copies the part of the image inside the region. None if PIL
+    did not map the array (it marks mapped images read-only), so nothing would land there.
+    """
+    pixels = np.empty((bottom - top, right - left, 4), np.uint8)
+    target = Image.frombuffer("RGBX", (right - left, bottom - top), pixels, "raw", "RGBX", 0, 1)
+    if not target.readonly:
+        return None
+    target.im.paste(image.im, (-left, -top, image.width - left, image.height - top))
+    pad_top, pad_left = max(-top, 0), max(-left, 0)
+    pixels[:pad_top, pad_left:] = pixels[pad_top, pad_left:]
+    pixels[:, :pad_left] = pixels[:, pad_left : pad_left + 1]
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None]

@@ -176,7 +176,7 @@ def model_view(samples: list[dict], cfg: DictConfig, spec: SampleSpec, seed: int
     batch = default_collate(samples)
     if is_encoded(batch):
         batch = decode_batch(batch, spec.resolution, spec.reference_size)
-    torch.manual_seed(seed)  # Kornia and the masks draw from the global generator
+    torch.manual_seed(seed)  # the augmentation and the masks draw from the global generator
     return device_transform(batch, instantiate(cfg.mask), instantiate(cfg.augment), True)
 
 

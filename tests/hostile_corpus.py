@@ -61,8 +61,9 @@ class Outcome:
     skips: Counter = field(default_factory=Counter)
 
     @property
-    def records(self) -> int:  # records the tar reader yields (corrupt shards yield none)
-        return self.samples + sum(n for r, n in self.skips.items() if r != "corrupt_shard")
+    def records(self) -> int:  # records the tar reader yields (corrupt, empty shards: none)
+        per_shard = ("corrupt_shard", "empty_shard")
+        return self.samples + sum(n for r, n in self.skips.items() if r not in per_shard)
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,11 @@ def json_cases() -> list[Case]:
         "box_of_strings": (b'{"boxes": [["40", "20", "100", "80"]]}', "bad_boxes"),
         "box_of_booleans": (b'{"boxes": [[true, false, true, true]]}', "bad_boxes"),
         "box_huge_integer": (b'{"boxes": [[40, 20, 1' + b"0" * 400 + b", 80]]}", "bad_boxes"),
+        # Over the default data.max_json_bytes (1 MiB): refused before it is parsed.
+        "json_over_a_mebibyte": (
+            b'{"boxes": [[40, 20, 100, 80]], "pad": "' + b"x" * (1 << 20) + b'"}',
+            "json_too_large",
+        ),
     }
     geometry = {
         "box_nan": ([[nan, 20, 100, 80]], "bad_boxes"),
@@ -305,6 +311,7 @@ def json_cases() -> list[Case]:
         "box_tiny_area": ([[40, 20, 45, 25]], "no_valid_box"),
         "box_whole_image": ([[0, 0, 192, 128]], "no_valid_box"),
         "box_wider_than_short_side": ([[0, 40, 192, 80]], "no_valid_box"),
+        "boxes_over_max_boxes": ([[40, 20, 100, 80]] * 1001, "too_many_boxes"),
     }
     raw.update({name: (meta(boxes), reason) for name, (boxes, reason) in geometry.items()})
     return [
@@ -364,7 +371,9 @@ def write_not_tars(folder: Path) -> tuple[list[Path], Outcome]:
     text, empty = folder / "not-a-tar.tar", folder / "empty.tar"
     text.write_bytes(b"<html>403 Forbidden</html>\n" * 40)
     empty.write_bytes(b"")
-    return [text, empty], Outcome(skips=Counter(corrupt_shard=2))
+    no_records = folder / "no-records.tar"  # a valid tar without members
+    no_records.write_bytes(tar_bytes([]))
+    return [text, empty, no_records], Outcome(skips=Counter(corrupt_shard=2, empty_shard=1))
 
 
 def write_cases(folder: Path, cases: list[Case], per_shard: int = 32) -> tuple[list[Path], Outcome]:

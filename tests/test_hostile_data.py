@@ -32,6 +32,7 @@ from tests.hostile_corpus import (
 )
 
 # No reference padding: the reference is exactly the object box, so it is the object's colour.
+PER_SHARD = {"corrupt_shard", "empty_shard"}  # counted by the stream per shard, not per record
 SPEC = SampleSpec(resolution=64, reference_size=32, crop_sampler=CropSampler(reference_pad=0))
 CASES = hostile_cases(Path("unused-sentinel"))  # names and expectations, for parametrize
 DECODED = [c.name for c in CASES if c.reason is None]
@@ -98,7 +99,7 @@ def test_skip_reasons_keep_the_names_and_positions_other_code_uses():
     old = ("corrupt_shard", "missing_image", "missing_json", "bad_image", "bad_json")
     old += ("no_valid_box", "too_small", "too_large")
     assert SKIP_REASONS[: len(old)] == old and "bad_boxes" in SKIP_REASONS
-    assert {c.reason for c in CASES if c.reason} | {"corrupt_shard"} == set(SKIP_REASONS)
+    assert {c.reason for c in CASES if c.reason} | PER_SHARD == set(SKIP_REASONS)
 
 
 def test_the_corpus_orientations_agree_with_pillows_own_exif_transpose():
@@ -199,7 +200,7 @@ def one_pass(corpus: HostileCorpus) -> dict:
 def test_one_pass_through_the_stream_gives_every_sample_and_skip_reason(corpus, one_pass):
     expected = corpus.expected
     assert one_pass["samples"] == expected.samples
-    per_record = {r: n for r, n in expected.skips.items() if r != "corrupt_shard"}
+    per_record = {r: n for r, n in expected.skips.items() if r not in PER_SHARD}
     assert one_pass["reasons"] == Counter(per_record)
     assert len(set(one_pass["keys"])) == len(one_pass["keys"])  # no record read twice or merged
     # Every corrupt shard is noticed (exactly once each: see the next test).
@@ -207,13 +208,14 @@ def test_one_pass_through_the_stream_gives_every_sample_and_skip_reason(corpus, 
     assert not corpus.sentinel.exists()
 
 
-def test_each_corrupt_shard_counts_once(corpus, one_pass):
-    assert one_pass["counted"]["corrupt_shard"] == corpus.expected.skips["corrupt_shard"]
+def test_each_corrupt_or_empty_shard_counts_once(corpus, one_pass):
+    for reason in PER_SHARD:
+        assert one_pass["counted"][reason] == corpus.expected.skips[reason], reason
 
 
 def test_the_training_stream_yields_well_formed_batches_from_hostile_shards(corpus):
     stream = TrainStream([str(p) for p in corpus.shards], SPEC, batch_size=4, shuffle_buffer=8)
-    per_record = torch.tensor([r != "corrupt_shard" for r in SKIP_REASONS])
+    per_record = torch.tensor([r not in PER_SHARD for r in SKIP_REASONS])
     total = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import random
+import tarfile
+import warnings
+from dataclasses import replace
 from itertools import islice
 
 import pytest
@@ -10,10 +15,11 @@ import torch
 from pbe_lightning.data import stream as stream_module
 from pbe_lightning.data.datamodule import expand_urls
 from pbe_lightning.data.demo import demo_shard_pattern, ensure_demo_dataset
-from pbe_lightning.data.samples import SampleSpec
+from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.data.stream import EpochShards, StreamPosition, TrainStream
 
 SPEC = SampleSpec(resolution=64, reference_size=32)
+EMPTY, CORRUPT = SKIP_REASONS.index("empty_shard"), SKIP_REASONS.index("corrupt_shard")
 PER_SHARD = 5  # small shards: a few batches cross shard boundaries
 BUFFER = 8  # larger than a shard: the buffer holds records of several shards
 
@@ -94,3 +100,44 @@ def test_epochs_need_a_shard_per_stream(urls):
         EpochShards(12, 0, 0, 16)
     with pytest.raises(ValueError, match="data.sampling='bogus'"):
         make_stream(urls, "bogus")
+
+
+def test_a_broken_shard_drawn_again_and_again_is_counted_each_time_but_warned_once(urls, tmp_path):
+    empty = tmp_path / "no-records.tar"
+    with tarfile.open(empty, "w"):
+        pass  # a valid tar without members
+    corrupt = tmp_path / "not-a-tar.tar"
+    corrupt.write_bytes(b"<html>403</html>" * 64)
+    stream = make_stream([*urls[:2], str(empty), str(corrupt)], "resampled")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(islice(iter(stream), 30))
+    counts = [sum(b["stream_state"].skipped[i] for b in batches) for i in (EMPTY, CORRUPT)]
+    assert counts[0] > 1 and counts[1] > 1  # drawn (and counted) many times
+    messages = [str(w.message) for w in caught if w.category is UserWarning]
+    assert sum("no-records.tar" in m for m in messages) == 1
+    assert sum("not-a-tar.tar" in m for m in messages) == 1
+
+
+def test_a_shard_list_of_only_empty_tars_stops_with_a_clear_error(tmp_path):
+    empties = []
+    for index in range(3):
+        empties.append(tmp_path / f"empty-{index}.tar")
+        with tarfile.open(empties[-1], "w"):
+            pass
+    stream = make_stream([str(p) for p in empties], "resampled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="corrupt, unreadable or empty.*no records"):
+            next(iter(stream))
+
+
+def test_a_record_of_a_million_boxes_is_skipped_before_it_is_parsed():
+    boxes = json.dumps({"boxes": [[1, 2, 3, 4]] * 1_000_000}).encode()
+    with pytest.raises(SkipSample, match="json_too_large.*data.max_json_bytes"):
+        make_sample({"json": boxes, "jpg": b"not read"}, SPEC, random.Random(0))
+    few = json.dumps({"boxes": [[1, 2, 3, 4]] * 20}).encode()
+    with pytest.raises(SkipSample, match="too_many_boxes.*data.max_boxes=10"):
+        make_sample(
+            {"json": few, "jpg": b"not read"}, replace(SPEC, max_boxes=10), random.Random(0)
+        )

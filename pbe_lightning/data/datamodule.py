@@ -127,6 +127,8 @@ class PaintByExampleDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         decode_on_device: bool = False,
         sampling: str = "resampled",
+        max_json_bytes: int = 1 << 20,
+        max_boxes: int = 1000,
     ) -> None:
         super().__init__()
         self.sampling = sampling
@@ -145,6 +147,8 @@ class PaintByExampleDataModule(L.LightningDataModule):
             crop or CropSampler(),
             max_upscale,
             decode_on_device=decode_on_device,
+            max_json_bytes=max_json_bytes,
+            max_boxes=max_boxes,
         )
         self.masks = mask or MaskGenerator()
         self.augment = augment or Augment()

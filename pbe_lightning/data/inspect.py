@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -47,6 +46,7 @@ from pbe_lightning.data.samples import (
     parse_boxes,
     usable_boxes,
 )
+from pbe_lightning.data.stream import shard_reader
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 COLUMNS = "source | mask (white = edit) | masked source | augmented reference"
@@ -103,31 +103,28 @@ def load_data_config(mask: str, augment: str, overrides: Sequence[str] = ()) -> 
 
 
 def read_records(urls: list[str], stats: Stats, limit: int | None) -> Iterator[dict]:
-    """Records of each shard in order; a corrupt shard is counted and its rest skipped."""
+    """Records of each shard in order; a corrupt or empty shard is counted (as training does)."""
     for url in urls:
         if limit is not None and stats.records >= limit:
             return
         errors: list[Exception] = []
-
-        def keep_going(error: Exception, errors: list[Exception] = errors) -> bool:
-            errors.append(error)
-            return True
-
         stats.records_per_shard[url] = 0
-        for record in wds.tarfile_samples([{"url": url}], handler=keep_going):
+        for record in shard_reader(url, errors):
             if limit is not None and stats.records >= limit:
                 return
             stats.records_per_shard[url] += 1
             yield record
         if errors:
             stats.skips["corrupt_shard"] += 1
+        elif not stats.records_per_shard[url]:
+            stats.skips["empty_shard"] += 1
 
 
 def note_header_and_boxes(record: dict, stats: Stats, spec: SampleSpec) -> None:
     """Size, format and box statistics from the json and the image header (nothing decoded)."""
     image_key = next((k for k in IMAGE_KEYS if k in record), None)
     try:
-        boxes = parse_boxes(record.get("json"))
+        boxes = parse_boxes(record.get("json"), spec)
         image = open_image(record.get(image_key) if image_key else None, spec)
         turn = orientation(image)
     except SkipSample:

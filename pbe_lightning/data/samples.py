@@ -82,6 +82,9 @@ SKIP_REASONS = (
     "too_small",  # the short side needs more than max_upscale to reach the crop resolution
     "too_large",  # the header declares more pixels than max_pixels (decompression bomb)
     "bad_boxes",  # 'boxes' absent or not a list of 4-number lists, or no box is in the image
+    "empty_shard",  # a readable tar without a single record (counted by the stream)
+    "json_too_large",  # the .json member is over max_json_bytes (checked before parsing)
+    "too_many_boxes",  # more boxes than max_boxes: every read would walk them all
 )
 
 
@@ -105,6 +108,10 @@ class SampleSpec:
     max_upscale: float = 4.0  # skip images whose short side needs more than this upscaling
     max_pixels: int = 8192 * 8192  # decompression-bomb guard, checked before decoding
     decode_on_device: bool = False  # pass JPEG bytes on; decode the batch on the accelerator
+    # Untrusted records are bounded before they cost anything: a json of 1M boxes takes ~10 s
+    # and ~300 MB to parse, again every time its shard is drawn.
+    max_json_bytes: int = 1 << 20
+    max_boxes: int = 1000
 
 
 class Encoded(bytes):
@@ -145,9 +152,13 @@ class Encoded(bytes):
         return self
 
 
-def parse_json(raw: bytes | None) -> dict:
+def parse_json(raw: bytes | None, max_bytes: int = SampleSpec.max_json_bytes) -> dict:
     if raw is None:
         raise SkipSample("missing_json")
+    if len(raw) > max_bytes:
+        raise SkipSample(
+            "json_too_large", f"{len(raw)} bytes, over data.max_json_bytes={max_bytes}"
+        )
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError) as error:
@@ -158,9 +169,12 @@ def parse_json(raw: bytes | None) -> dict:
     return meta
 
 
-def parse_boxes(raw: bytes | None) -> list[Box]:
+def parse_boxes(raw: bytes | None, spec: SampleSpec | None = None) -> list[Box]:
     """The record's boxes as floats; their geometry is checked against the image later."""
-    boxes = parse_json(raw).get("boxes")
+    spec = spec or SampleSpec()
+    boxes = parse_json(raw, spec.max_json_bytes).get("boxes")
+    if isinstance(boxes, list) and len(boxes) > spec.max_boxes:
+        raise SkipSample("too_many_boxes", f"{len(boxes)}, over data.max_boxes={spec.max_boxes}")
     if not isinstance(boxes, list) or not all(_is_four_numbers(b) for b in boxes):
         raise SkipSample("bad_boxes", "'boxes' must be a list of [x0, y0, x1, y1] number lists")
     return [tuple(_to_float(v) for v in box) for box in boxes]
@@ -314,7 +328,7 @@ def make_sample(record: dict, spec: SampleSpec, rng: random.Random) -> dict:
     """
     image_key = next((k for k in IMAGE_KEYS if k in record), None)
     raw = record.get(image_key) if image_key else None
-    boxes = parse_boxes(record.get("json"))
+    boxes = parse_boxes(record.get("json"), spec)
     image = open_image(raw, spec)
     turn = orientation(image)
     width, height = displayed_size(image, turn)

@@ -162,6 +162,7 @@ class RecordSource:
         self._reader: Iterator[dict] | None = None
         self._errors: list[Exception] = []
         self._unreadable_in_a_row = 0
+        self._warned_shards: set[int] = set()
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -194,16 +195,27 @@ class RecordSource:
         url, errors = self.urls[self.shard], self._errors
         if errors:
             # webdataset may report one cut shard twice (the member, then the archive).
-            self.skipped[SKIP_REASONS.index("corrupt_shard")] += 1
-            warnings.warn(f"skipped the rest of corrupt shard {url}: {errors[0]}", stacklevel=3)
-        unreadable = errors and not self.offset
-        self._unreadable_in_a_row = self._unreadable_in_a_row + 1 if unreadable else 0
+            self._skip_shard(
+                "corrupt_shard", f"skipped the rest of corrupt shard {url}: {errors[0]}"
+            )
+        elif not self.offset:
+            self._skip_shard("empty_shard", f"shard {url} is a tar without records")
+        # A shard list of only broken or empty shards would otherwise spin forever.
+        self._unreadable_in_a_row = 0 if self.offset else self._unreadable_in_a_row + 1
         if self._unreadable_in_a_row > self.give_up_after:
+            why = f"{errors[0]}" if errors else "no records"
             raise RuntimeError(
-                f"the last {self._unreadable_in_a_row} shards read were all corrupt or "
-                f"unreadable, e.g. {url}: {errors[0]}"
+                f"the last {self._unreadable_in_a_row} shards read were all corrupt, "
+                f"unreadable or empty, e.g. {url}: {why}; check data.shards"
             )
         self._reader = None
+
+    def _skip_shard(self, reason: str, message: str) -> None:
+        """Counted every time; warned once per shard (shards are drawn again and again)."""
+        self.skipped[SKIP_REASONS.index(reason)] += 1
+        if self.shard not in self._warned_shards:
+            self._warned_shards.add(self.shard)
+            warnings.warn(f"{message} (warned once per shard; every read is counted)", stacklevel=4)
 
     def state(self) -> dict:
         """Plain ints and tuples: checkpoints load with torch's ``weights_only``."""

@@ -19,7 +19,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from pbe_lightning.data import inspect
 from pbe_lightning.data.crops import CropSampler
+from pbe_lightning.data.ledger import read_ledger
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.data.stream import RecordSource, TrainStream
 from tests.hostile_corpus import (
@@ -251,3 +253,40 @@ def test_a_stream_of_only_broken_shards_stops_with_a_clear_error(corpus):
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="corrupt"):
             next(iter(stream))
+
+
+# ----------------------------------------------------------------------------- the ledger
+def expected_ledger(corpus: HostileCorpus) -> set[tuple[str, str]]:
+    """(key, reason) of every hostile record, and ("-", reason) of every broken shard."""
+    records = {(f"case-{i:03d}-{c.name}", c.reason) for i, c in enumerate(corpus.cases) if c.reason}
+    shards = {("-", r) for r in PER_SHARD for _ in range(corpus.expected.skips[r])}
+    return records | shards | {("cut-2", "missing_json")}
+
+
+def test_inspect_writes_a_ledger_naming_every_skipped_record_and_shard(corpus, tmp_path):
+    ledger = tmp_path / "skipped.tsv"
+    inspect.main([*map(str, corpus.shards), "--out", "", "--ledger", str(ledger)])
+    lines = read_ledger(ledger)
+    assert {(key, reason) for _, key, reason, _ in lines} == expected_ledger(corpus)
+    assert len(lines) == sum(corpus.expected.skips.values())  # one line per skip, no more
+    broken = {url.rsplit("/", 1)[1] for url, key, _, _ in lines if key == "-"}
+    assert broken == {"not-a-tar.tar", "empty.tar", "truncated.tar", "no-records.tar"}
+
+
+def test_training_streams_write_the_same_ledger(corpus, tmp_path):
+    stream = TrainStream(
+        [str(p) for p in corpus.shards],
+        SPEC,
+        batch_size=4,
+        shuffle_buffer=1,
+        sampling="epochs",  # each pass reads every shard once
+        ledger_dir=str(tmp_path / "ledger"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(islice(iter(stream), corpus.expected.samples // 4 + 2))  # a pass and more
+    lines = read_ledger(tmp_path / "ledger")
+    assert [p.name for p in (tmp_path / "ledger").iterdir()] == ["stream0000.tsv"]
+    assert expected_ledger(corpus) <= {(key, reason) for _, key, reason, _ in lines}
+    usable = {f"case-{i:03d}-{c.name}" for i, c in enumerate(corpus.cases) if not c.reason}
+    assert not {key for _, key, _, _ in lines} & usable  # usable records are not listed

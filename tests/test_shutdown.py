@@ -95,13 +95,14 @@ def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: 
 
 
 def blocked_on_the_source(pid: int) -> bool:
-    """The kernel's word for it (Linux ``wchan``): the main thread sleeps reading the source's
-    pipe, or waiting for the source's command to exit after its last byte."""
+    """The kernel's word for it (Linux ``wchan``): the main thread sleeps waiting for the
+    source's pipe to have data (``select``), reading it, or waiting for the source's command
+    to exit after its last byte."""
     try:
         where = Path(f"/proc/{pid}/wchan").read_text()
     except OSError:
         return False
-    return "pipe" in where or where == "do_wait"
+    return "pipe" in where or "select" in where or "poll" in where or where == "do_wait"
 
 
 def wait_for_stall(process: subprocess.Popen, run_dir: Path, hanging: Path) -> int:

@@ -71,8 +71,8 @@ def test_a_resumed_stream_reads_only_its_buffer_and_the_shard_in_flight(urls, mo
     read = []
     original = stream_module.shard_reader
 
-    def counting_reader(url: str, errors: list) -> object:
-        for record in original(url, errors):
+    def counting_reader(url: str, errors: list, *options: object) -> object:
+        for record in original(url, errors, *options):
             read.append(url)
             yield record
 

@@ -27,6 +27,7 @@ from pbe_lightning.data.crops import BoxFilter, CropSampler
 from pbe_lightning.data.demo import ensure_demo_dataset
 from pbe_lightning.data.device_decode import decode_batch, is_encoded
 from pbe_lightning.data.masks import MaskGenerator
+from pbe_lightning.data.remote import LOCAL, check_schemes, scheme
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.data.stream import (
     EpochOfBatches,
@@ -37,8 +38,6 @@ from pbe_lightning.data.stream import (
 )
 from pbe_lightning.shutdown import make_worker_deaf
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
-
 
 def expand_urls(shards: str | Sequence[str]) -> list[str]:
     """Brace patterns (``a-{000..009}.tar``), globs, or a list of either -> shard URLs."""
@@ -46,7 +45,7 @@ def expand_urls(shards: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for pattern in patterns:
         for url in braceexpand.braceexpand(str(pattern)):
-            is_glob = any(c in url for c in "*?[") and not url.startswith(REMOTE_PREFIXES)
+            is_glob = any(c in url for c in "*?[") and scheme(url) in LOCAL
             urls.extend(sorted(glob.glob(os.path.expanduser(url))) if is_glob else [url])
     return urls
 
@@ -56,7 +55,8 @@ def check_local_shards(urls: list[str], option: str) -> None:
         raise FileNotFoundError(
             f"{option} matches no shards: pass {option}='/path/train-{{000000..000099}}.tar'"
         )
-    missing = [u for u in urls if not u.startswith(REMOTE_PREFIXES) and not Path(u).is_file()]
+    check_schemes(urls, option)
+    missing = [u for u in urls if scheme(u) in LOCAL and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shards in {option} do not exist, e.g. {missing[0]}: "
@@ -73,9 +73,15 @@ class PreviewSet(Dataset):
     """
 
     def __init__(
-        self, urls: list[str], spec: SampleSpec, masks: MaskGenerator, count: int, seed: int
+        self,
+        urls: list[str],
+        spec: SampleSpec,
+        masks: MaskGenerator,
+        count: int,
+        seed: int,
+        source_timeout_s: float = 120.0,
     ) -> None:
-        stream = TrainStream(urls, spec, batch_size=1, seed=seed)
+        stream = TrainStream(urls, spec, batch_size=1, seed=seed, source_timeout_s=source_timeout_s)
         records = stream.source(0, 1, torch.zeros(len(SKIP_REASONS), dtype=torch.long))
         samples: list[dict] = []
         for index, record in enumerate(records):
@@ -129,9 +135,13 @@ class PaintByExampleDataModule(L.LightningDataModule):
         sampling: str = "resampled",
         max_json_bytes: int = 1 << 20,
         max_boxes: int = 1000,
+        source_timeout_s: float = 120.0,
+        skip_ledger: str | None = None,
     ) -> None:
         super().__init__()
+        self.skip_ledger = skip_ledger
         self.sampling = sampling
+        self.source_timeout_s = source_timeout_s
         self.shards, self.val_shards = shards, val_shards
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -190,6 +200,8 @@ class PaintByExampleDataModule(L.LightningDataModule):
                 self._place(),
                 self._position,
                 self.sampling,
+                self.source_timeout_s,
+                self.skip_ledger,
             )
             loader = DataLoader(
                 stream,
@@ -207,7 +219,9 @@ class PaintByExampleDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         # Decoded once and kept: the worker path, whatever decode_on_device says.
         spec = replace(self.spec, decode_on_device=False)
-        preview = PreviewSet(self.val_urls, spec, self.masks, self.val_samples, self.seed)
+        preview = PreviewSet(
+            self.val_urls, spec, self.masks, self.val_samples, self.seed, self.source_timeout_s
+        )
         return DataLoader(
             preview, batch_size=self.val_batch_size, shuffle=False, generator=self._own_generator()
         )

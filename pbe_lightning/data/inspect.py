@@ -34,6 +34,7 @@ from torchvision.utils import make_grid, save_image
 from pbe_lightning.data.crops import BoxFilter
 from pbe_lightning.data.datamodule import check_local_shards, device_transform, expand_urls
 from pbe_lightning.data.device_decode import decode_batch, is_encoded
+from pbe_lightning.data.ledger import SkipLedger
 from pbe_lightning.data.samples import (
     IMAGE_KEYS,
     SKIP_REASONS,
@@ -102,7 +103,9 @@ def load_data_config(mask: str, augment: str, overrides: Sequence[str] = ()) -> 
     return cfg.data
 
 
-def read_records(urls: list[str], stats: Stats, limit: int | None) -> Iterator[dict]:
+def read_records(
+    urls: list[str], stats: Stats, limit: int | None, ledger: SkipLedger
+) -> Iterator[dict]:
     """Records of each shard in order; a corrupt or empty shard is counted (as training does)."""
     for url in urls:
         if limit is not None and stats.records >= limit:
@@ -116,8 +119,12 @@ def read_records(urls: list[str], stats: Stats, limit: int | None) -> Iterator[d
             yield record
         if errors:
             stats.skips["corrupt_shard"] += 1
+            ledger.write(
+                url, "-", "corrupt_shard", str(errors[0].args[0] if errors[0].args else "")
+            )
         elif not stats.records_per_shard[url]:
             stats.skips["empty_shard"] += 1
+            ledger.write(url, "-", "empty_shard", "a tar without records")
 
 
 def note_header_and_boxes(record: dict, stats: Stats, spec: SampleSpec) -> None:
@@ -149,19 +156,28 @@ def note_header_and_boxes(record: dict, stats: Stats, spec: SampleSpec) -> None:
 
 
 def scan(
-    urls: list[str], spec: SampleSpec, samples: int, limit: int | None, seed: int
+    urls: list[str],
+    spec: SampleSpec,
+    samples: int,
+    limit: int | None,
+    seed: int,
+    ledger: SkipLedger | None = None,
 ) -> tuple[Stats, list[dict]]:
     """One pass: statistics of every record, and a random few usable samples."""
     stats = Stats()
     chosen = Reservoir(samples, random.Random(f"inspect:{seed}"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a broken record is counted below, not warned about
-        for index, record in enumerate(read_records(urls, stats, limit)):
+        ledger = ledger or SkipLedger(None)
+        for index, record in enumerate(read_records(urls, stats, limit, ledger)):
             note_header_and_boxes(record, stats, spec)
             try:
                 sample = make_sample(record, spec, random.Random(f"sample:{seed}:{index}"))
             except SkipSample as skip:
                 stats.skips[skip.reason] += 1
+                ledger.write(
+                    record.get("__url__", "?"), record.get("__key__"), skip.reason, str(skip)
+                )
                 continue
             stats.usable += 1
             chosen.offer(sample)
@@ -260,6 +276,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tile", type=int, default=256, help="panel size in the sheet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--ledger", help="write every skipped record and shard here (training's ledger format)"
+    )
+    parser.add_argument(
         "--decode-on-device", action="store_true", help="show the data.decode_on_device path"
     )
     parser.add_argument(
@@ -280,6 +299,8 @@ def build_spec(cfg: DictConfig, args: argparse.Namespace) -> SampleSpec:
         crop_sampler=instantiate(cfg.crop),
         max_upscale=cfg.max_upscale,
         decode_on_device=args.decode_on_device,
+        max_json_bytes=cfg.max_json_bytes,
+        max_boxes=cfg.max_boxes,
     )
 
 
@@ -289,8 +310,15 @@ def main(argv: Sequence[str] | None = None) -> Stats:
     spec = build_spec(cfg, args)
     urls = expand_urls(args.shards)
     check_local_shards(urls, "SHARDS")
-    stats, samples = scan(urls, spec, args.samples if args.out else 0, args.max_records, args.seed)
+    if args.ledger:
+        Path(args.ledger).unlink(missing_ok=True)  # this pass's skips, not an older one's
+    ledger = SkipLedger(args.ledger)
+    shown = args.samples if args.out else 0
+    stats, samples = scan(urls, spec, shown, args.max_records, args.seed, ledger)
+    ledger.close()
     print(report(stats, spec.box_filter))
+    if args.ledger:
+        print(f"skip ledger: {args.ledger} ({sum(stats.skips.values())} lines)")
     if args.out and samples:
         sheet = contact_sheet(model_view(samples, cfg, spec, args.seed), args.tile)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

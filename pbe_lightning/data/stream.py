@@ -22,16 +22,20 @@ import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from webdataset import tariterators
 
+from pbe_lightning.data.ledger import SkipLedger
+from pbe_lightning.data.remote import open_shard
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.shutdown import signals_held
 
 SAMPLING = ("resampled", "epochs")
+DEFAULT_SOURCE_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -149,8 +153,12 @@ class RecordSource:
         buffer_rng: random.Random,
         skipped: torch.Tensor,
         give_up_after: int,
+        timeout_s: float = DEFAULT_SOURCE_TIMEOUT_S,
+        ledger: SkipLedger | None = None,
     ) -> None:
         self.urls = urls
+        self.ledger = ledger or SkipLedger(None)
+        self.timeout_s = timeout_s
         self.picker = picker
         self.buffer_size = max(1, buffer_size)
         self.buffer_rng = buffer_rng
@@ -163,6 +171,7 @@ class RecordSource:
         self._errors: list[Exception] = []
         self._unreadable_in_a_row = 0
         self._warned_shards: set[int] = set()
+        self._dead: set[int] = set()  # shards read without a record since the last one that had
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -189,21 +198,23 @@ class RecordSource:
 
     def _open(self, shard: int) -> None:
         self.shard, self.offset, self._errors = shard, 0, []
-        self._reader = shard_reader(self.urls[shard], self._errors)
+        self._reader = shard_reader(self.urls[shard], self._errors, self.timeout_s)
 
     def _close(self) -> None:
         url, errors = self.urls[self.shard], self._errors
+        # webdataset appends the stream and URL to an error's args: keep the message.
+        why = str(errors[0].args[0] if errors and errors[0].args else (errors or [""])[0])
         if errors:
             # webdataset may report one cut shard twice (the member, then the archive).
-            self._skip_shard(
-                "corrupt_shard", f"skipped the rest of corrupt shard {url}: {errors[0]}"
-            )
+            self._skip_shard("corrupt_shard", f"skipped the rest of corrupt shard {url}: {why}")
         elif not self.offset:
             self._skip_shard("empty_shard", f"shard {url} is a tar without records")
         # A shard list of only broken or empty shards would otherwise spin forever.
         self._unreadable_in_a_row = 0 if self.offset else self._unreadable_in_a_row + 1
-        if self._unreadable_in_a_row > self.give_up_after:
-            why = f"{errors[0]}" if errors else "no records"
+        self._dead = set() if self.offset else self._dead | {self.shard}
+        everything_dead = len(self._dead) == len(self.urls)
+        if self._unreadable_in_a_row > self.give_up_after or everything_dead:
+            why = why or "no records"
             raise RuntimeError(
                 f"the last {self._unreadable_in_a_row} shards read were all corrupt, "
                 f"unreadable or empty, e.g. {url}: {why}; check data.shards"
@@ -213,6 +224,7 @@ class RecordSource:
     def _skip_shard(self, reason: str, message: str) -> None:
         """Counted every time; warned once per shard (shards are drawn again and again)."""
         self.skipped[SKIP_REASONS.index(reason)] += 1
+        self.ledger.write(self.urls[self.shard], "-", reason, message)
         if self.shard not in self._warned_shards:
             self._warned_shards.add(self.shard)
             warnings.warn(f"{message} (warned once per shard; every read is counted)", stacklevel=4)
@@ -262,10 +274,28 @@ class RecordSource:
         self.buffer = [found[where] for where in self.buffer_ids]
 
 
-def shard_reader(url: str, errors: list[Exception]) -> Iterator[dict]:
+def shard_reader(
+    url: str, errors: list[Exception], timeout_s: float = DEFAULT_SOURCE_TIMEOUT_S
+) -> Iterator[dict]:
     """One pipeline per shard: a record cut short by a broken shard ends with its shard
-    instead of merging into the next shard's first record (same key)."""
-    return iter(wds.tarfile_samples([{"url": url}], handler=_collect_into(errors)))
+    instead of merging into the next shard's first record (same key). The shard is opened by
+    ``remote.open_shard`` (local, pipe:, s3://, gs://, http(s)://, with a no-output timeout);
+    webdataset splits the tar into records."""
+    handler = _collect_into(errors)
+    try:
+        stream = open_shard(url, timeout_s)
+    except OSError as error:  # a missing local file: counted like an unreadable shard
+        errors.append(error)
+        return iter(())
+    files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+    return _closing(tariterators.group_by_keys(files, handler=handler), stream)
+
+
+def _closing(records: Iterator[dict], stream: BinaryIO) -> Iterator[dict]:
+    try:
+        yield from records
+    finally:
+        stream.close()  # a command still running is stopped
 
 
 def read_members(url: str, shard: int, members: set[int], stop: int) -> dict:
@@ -299,6 +329,8 @@ class TrainStream(IterableDataset):
         place: StreamPlace = StreamPlace(),
         position: StreamPosition = StreamPosition(),
         sampling: str = "resampled",
+        source_timeout_s: float = DEFAULT_SOURCE_TIMEOUT_S,
+        ledger_dir: str | None = None,
     ) -> None:
         if sampling not in SAMPLING:
             raise ValueError(f"data.sampling={sampling!r}: use one of {', '.join(SAMPLING)}")
@@ -310,6 +342,8 @@ class TrainStream(IterableDataset):
         self.place = place
         self.position = position
         self.sampling = sampling
+        self.source_timeout_s = source_timeout_s
+        self.ledger_dir = ledger_dir
         # An endless stream of unusable records would otherwise hang training silently.
         self.give_up_after = max(1000, 50 * batch_size)
 
@@ -320,7 +354,9 @@ class TrainStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return (worker + self.position.next_batch) % workers, workers
 
-    def source(self, stream: int, streams: int, skipped: torch.Tensor) -> RecordSource:
+    def source(
+        self, stream: int, streams: int, skipped: torch.Tensor, ledger: SkipLedger | None = None
+    ) -> RecordSource:
         """The raw records of global stream ``stream`` of ``streams``, from its start."""
         if self.sampling == "epochs":
             picker = EpochShards(len(self.urls), self.seed, stream, streams)
@@ -328,14 +364,28 @@ class TrainStream(IterableDataset):
             picker = ResampledShards(len(self.urls), f"{self.seed}:{stream}")
         buffer_rng = random.Random(f"buffer:{self.seed}:{stream}")
         return RecordSource(
-            self.urls, picker, self.shuffle_buffer, buffer_rng, skipped, self.give_up_after
+            self.urls,
+            picker,
+            self.shuffle_buffer,
+            buffer_rng,
+            skipped,
+            self.give_up_after,
+            self.source_timeout_s,
+            ledger,
         )
+
+    def ledger_file(self, stream: int) -> Path | None:
+        """This stream's own ledger file: one writer per file, whatever the rank or worker."""
+        if not self.ledger_dir:
+            return None
+        return Path(self.ledger_dir) / f"stream{stream:04d}.tsv"
 
     def __iter__(self) -> Iterator[dict]:
         logical, workers = self.worker_stream()
         stream = self.place.rank * workers + logical
         skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
-        source = self.source(stream, self.place.world_size * workers, skipped)
+        ledger = SkipLedger(self.ledger_file(stream))
+        source = self.source(stream, self.place.world_size * workers, skipped, ledger)
         saved = self.position.streams[logical] if self.position.streams else None
         index = 0
         if saved is not None:
@@ -359,6 +409,9 @@ class TrainStream(IterableDataset):
                 batch.append(make_sample(record, self.spec, sample_rng))
             except SkipSample as skip:
                 skipped[SKIP_REASONS.index(skip.reason)] += 1
+                ledger.write(
+                    record.get("__url__", "?"), record.get("__key__"), skip.reason, str(skip)
+                )
                 warn_first(skip, record, warned)
                 continue
             if len(batch) == self.batch_size:

@@ -25,7 +25,7 @@ import psutil
 
 LOCAL = ("", "file")
 COMMANDS = {
-    "s3": "aws s3 cp --quiet {url} -",
+    "s3": "aws s3 cp {url} -",
     "gs": "gcloud storage cat {url}",
     "http": "curl --fail --silent --show-error --location {url}",
     "https": "curl --fail --silent --show-error --location {url}",
@@ -86,15 +86,14 @@ class CommandOutput(io.RawIOBase):
         if not ready:
             self.stop()
             raise TimeoutError(
-                f"{self.url}: no data for {self.timeout_s:g} s from `{self.command}` "
+                f"no data for {self.timeout_s:g} s from `{self.command}` "
                 f"(data.source_timeout_s){self.stderr_tail()}"
             )
         data = os.read(fd, len(buffer))
         buffer[: len(data)] = data
         if not data and self.process.wait() != 0:
             raise OSError(
-                f"{self.url}: `{self.command}` exited with status {self.process.returncode}"
-                f"{self.stderr_tail()}"
+                f"`{self.command}` exited with status {self.process.returncode}{self.stderr_tail()}"
             )
         return len(data)
 

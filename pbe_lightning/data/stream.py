@@ -211,9 +211,13 @@ class RecordSource:
             self._skip_shard("empty_shard", f"shard {url} is a tar without records")
         # A shard list of only broken or empty shards would otherwise spin forever.
         self._unreadable_in_a_row = 0 if self.offset else self._unreadable_in_a_row + 1
+        # Every shard failing since the last good one, or a long run of failures (with
+        # replacement, drawing each of many dead shards once takes several times their number).
         self._dead = set() if self.offset else self._dead | {self.shard}
-        everything_dead = len(self._dead) == len(self.urls)
-        if self._unreadable_in_a_row > self.give_up_after or everything_dead:
+        dead = len(self._dead) == len(self.urls) or self._unreadable_in_a_row >= max(
+            50, len(self.urls)
+        )
+        if self._unreadable_in_a_row > self.give_up_after or dead:
             why = why or "no records"
             raise RuntimeError(
                 f"the last {self._unreadable_in_a_row} shards read were all corrupt, "

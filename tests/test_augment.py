@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pbe_lightning.data import augment as augment_module
 from pbe_lightning.data.augment import Augment, homography_grid, rotation_matrices, sample
 from tests.conftest import CONF
+from tests.helpers import CountOps
 
 PRESETS = ("paper", "none", "strong")
 ONLY = dict(hflip=0, rotation=0, blur=0, elastic=0, color_jitter=0, perspective=0)
@@ -224,16 +224,6 @@ def test_cpu_and_accelerator_paths_agree(elastic, monkeypatch):
     torch.manual_seed(2)
     everything = augment.reference(reference)
     torch.testing.assert_close(subsets, everything, atol=1e-6, rtol=0)
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_no_per_sample_loop(monkeypatch):

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pbe_lightning.data import masks as masks_module
 from pbe_lightning.data.masks import (
@@ -12,6 +11,7 @@ from pbe_lightning.data.masks import (
     mask_from_user_image,
     polygon_masks,
 )
+from tests.helpers import CountOps
 
 SIZE = 64
 
@@ -160,16 +160,6 @@ def test_polygons_are_filled_only_for_samples_that_draw_them(monkeypatch):
     assert filled == []
     MaskGenerator(irregular_prob=0.5)(obj, enlarged, 32)
     assert len(filled) == 1 and 10 < filled[0] < 54
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_no_per_sample_loop(accelerator_path):

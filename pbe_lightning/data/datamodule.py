@@ -27,7 +27,7 @@ from pbe_lightning.data.crops import BoxFilter, CropSampler
 from pbe_lightning.data.demo import ensure_demo_dataset
 from pbe_lightning.data.device_decode import decode_batch, is_encoded
 from pbe_lightning.data.masks import MaskGenerator
-from pbe_lightning.data.remote import LOCAL, check_schemes, scheme
+from pbe_lightning.data.remote import check_schemes, is_local
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.data.stream import (
     EpochOfBatches,
@@ -45,7 +45,7 @@ def expand_urls(shards: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for pattern in patterns:
         for url in braceexpand.braceexpand(str(pattern)):
-            is_glob = any(c in url for c in "*?[") and scheme(url) in LOCAL
+            is_glob = any(c in url for c in "*?[") and is_local(url)
             urls.extend(sorted(glob.glob(os.path.expanduser(url))) if is_glob else [url])
     return urls
 
@@ -56,7 +56,7 @@ def check_local_shards(urls: list[str], option: str) -> None:
             f"{option} matches no shards: pass {option}='/path/train-{{000000..000099}}.tar'"
         )
     check_schemes(urls, option)
-    missing = [u for u in urls if scheme(u) in LOCAL and not Path(u).is_file()]
+    missing = [u for u in urls if is_local(u) and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shards in {option} do not exist, e.g. {missing[0]}: "

@@ -47,7 +47,7 @@ from pbe_lightning.data.samples import (
     parse_boxes,
     usable_boxes,
 )
-from pbe_lightning.data.stream import shard_reader
+from pbe_lightning.data.stream import error_message, shard_reader
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 COLUMNS = "source | mask (white = edit) | masked source | augmented reference"
@@ -119,9 +119,7 @@ def read_records(
             yield record
         if errors:
             stats.skips["corrupt_shard"] += 1
-            ledger.write(
-                url, "-", "corrupt_shard", str(errors[0].args[0] if errors[0].args else "")
-            )
+            ledger.write(url, "-", "corrupt_shard", error_message(errors[0]))
         elif not stats.records_per_shard[url]:
             stats.skips["empty_shard"] += 1
             ledger.write(url, "-", "empty_shard", "a tar without records")

@@ -23,7 +23,6 @@ from typing import BinaryIO
 
 import psutil
 
-LOCAL = ("", "file")
 COMMANDS = {
     "s3": "aws s3 cp {url} -",
     "gs": "gcloud storage cat {url}",
@@ -41,13 +40,17 @@ def scheme(url: str) -> str:
 
 def check_schemes(urls: list[str], option: str) -> None:
     """Refuse, before anything is read, a URL no opener here handles."""
-    unknown = sorted({scheme(u) for u in urls} - {*LOCAL, "pipe", *COMMANDS})
+    unknown = sorted({scheme(u) for u in urls} - {"", "pipe", *COMMANDS})
     if unknown:
         example = next(u for u in urls if scheme(u) == unknown[0])
         raise ValueError(
             f"{option}: no way to read {unknown[0]}:// URLs such as {example}; use a local path, "
             "s3://, gs://, http(s)://, or pipe:<command writing the tar to stdout>"
         )
+
+
+def is_local(url: str) -> bool:
+    return scheme(url) == ""
 
 
 def command_for(url: str) -> str | None:
@@ -63,7 +66,7 @@ def command_for(url: str) -> str | None:
 def open_shard(url: str, timeout_s: float) -> BinaryIO:
     command = command_for(url)
     if command is None:
-        return open(url.removeprefix("file://"), "rb")  # noqa: SIM115 (the reader closes it)
+        return open(url, "rb")  # noqa: SIM115 (the reader closes it)
     return io.BufferedReader(CommandOutput(command, url, timeout_s), buffer_size=1 << 16)
 
 

@@ -202,8 +202,7 @@ class RecordSource:
 
     def _close(self) -> None:
         url, errors = self.urls[self.shard], self._errors
-        # webdataset appends the stream and URL to an error's args: keep the message.
-        why = str(errors[0].args[0] if errors and errors[0].args else (errors or [""])[0])
+        why = error_message(errors[0]) if errors else ""
         if errors:
             # webdataset may report one cut shard twice (the member, then the archive).
             self._skip_shard("corrupt_shard", f"skipped the rest of corrupt shard {url}: {why}")
@@ -310,6 +309,11 @@ def read_members(url: str, shard: int, members: set[int], stop: int) -> dict:
         if member in members:
             records[(shard, member)] = record
     return records
+
+
+def error_message(error: Exception) -> str:
+    """The message alone: webdataset appends the stream and the URL to an error's args."""
+    return str(error.args[0]) if error.args else str(error)
 
 
 def _collect_into(errors: list[Exception]) -> Callable[[Exception], bool]:

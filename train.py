@@ -8,9 +8,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import pbe_lightning.resolvers  # noqa: F401  (${pbe.*}: Hydra resolves the run folder first)
-from pbe_lightning.cli import quote_brace_patterns
+import pbe_lightning.utils.resolvers  # noqa: F401  (${pbe.*}: Hydra resolves the run folder first)
 from pbe_lightning.shutdown import SHUTDOWN
+from pbe_lightning.utils.overrides import quote_brace_patterns
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -57,7 +57,6 @@ from pbe_lightning.data import samples
 from pbe_lightning.data.crops import BoxFilter, CropSampler, choose_box
 from pbe_lightning.data.datamodule import device_transform
 from pbe_lightning.data.device_decode import decode_batch
-from pbe_lightning.data.inspect import load_data_config
 from pbe_lightning.data.samples import (
     DISPLAY_TRANSPOSE,
     SampleSpec,
@@ -67,6 +66,7 @@ from pbe_lightning.data.samples import (
     open_image,
     orientation,
 )
+from pbe_lightning.data.shard_report import load_data_config
 
 DATA_VERSION = 1
 PER_SHARD = 100

@@ -41,8 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pbe_lightning.data import augment as augment_module
 from pbe_lightning.data import masks as masks_module
 from pbe_lightning.data.datamodule import device_transform
-from pbe_lightning.data.inspect import load_data_config
 from pbe_lightning.data.masks import EDIT, KEEP, bezier_outline, pixel_centres
+from pbe_lightning.data.shard_report import load_data_config
 
 PRESETS = ("paper", "strong")
 # ATen ops that copy a device value to the host (the host waits for the device there).

@@ -25,9 +25,9 @@ import torch
 import webdataset as wds
 
 from pbe_lightning.data.datamodule import expand_urls
-from pbe_lightning.data.demo import ensure_demo_dataset
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec
 from pbe_lightning.data.stream import StreamPosition, TrainStream
+from pbe_lightning.demo.dataset import ensure_demo_dataset
 
 SHARDS, PER_SHARD = 16, 1000
 SPEC = SampleSpec(resolution=64, reference_size=64)

@@ -28,11 +28,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-import pbe_lightning.resolvers  # noqa: F401  (the config's own resolvers)
+import pbe_lightning.utils.resolvers  # noqa: F401  (the config's own resolvers)
 from pbe_lightning.data.datamodule import device_transform
 from pbe_lightning.data.stream import EpochOfBatches
 from pbe_lightning.models.build import build_model
-from pbe_lightning.train import instantiate_each, make_trainer
+from pbe_lightning.train import make_trainer
+from pbe_lightning.utils.instantiators import instantiate_each
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

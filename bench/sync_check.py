@@ -25,7 +25,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-import pbe_lightning.resolvers  # noqa: F401  (the config's own resolvers)
+import pbe_lightning.utils.resolvers  # noqa: F401  (the config's own resolvers)
 from pbe_lightning.logging_steps import is_logging_step
 from pbe_lightning.train import train
 

@@ -23,10 +23,10 @@ import open_clip
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from pbe_lightning.demo.tiny_models import OPENAI_MEAN, OPENAI_STD, TINY_CLIP, TINY_UNET, TINY_VAE
 from pbe_lightning.models.backbone import SD15_CONFIG, Backbone, widen_input
 from pbe_lightning.models.encoder import ExemplarEncoder
 from pbe_lightning.models.module import PaintByExampleModule
-from pbe_lightning.tiny import OPENAI_MEAN, OPENAI_STD, TINY_CLIP, TINY_UNET, TINY_VAE
 
 
 def build(arch: str, checkpointing: bool) -> PaintByExampleModule:

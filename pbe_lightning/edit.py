@@ -32,7 +32,7 @@ from pbe_lightning.data.masks import mask_from_user_image
 from pbe_lightning.metrics import Box, load_image, mask_bounding_box
 from pbe_lightning.models.build import load_trained
 from pbe_lightning.models.module import PaintByExampleModule
-from pbe_lightning.models.sampler import SAMPLERS
+from pbe_lightning.models.samplers import SAMPLERS
 
 log = logging.getLogger(__name__)
 DEFAULT_RESOLUTION = 512

@@ -59,8 +59,9 @@ from pbe_lightning.metrics import (
     region_clip_score,
 )
 from pbe_lightning.models.module import PaintByExampleModule
-from pbe_lightning.models.sampler import SAMPLERS
-from pbe_lightning.train import finish_loggers, instantiate_each
+from pbe_lightning.models.samplers import SAMPLERS
+from pbe_lightning.utils.instantiators import instantiate_each
+from pbe_lightning.utils.loggers import finish_loggers
 
 log = logging.getLogger(__name__)
 FIT_QS = (

@@ -34,7 +34,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig
 
 from pbe_lightning.models.encoder import ExemplarEncoder
 from pbe_lightning.models.module import PaintByExampleModule
-from pbe_lightning.models.sampler import make_sampler
+from pbe_lightning.models.samplers import make_sampler
 
 EXPORT_SAMPLER = "pndm"
 EMA_KEY = "pbe_ema"

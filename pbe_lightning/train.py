@@ -9,43 +9,26 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import pbe_lightning.resolvers  # noqa: F401  (registers ${pbe.*} for the trainer configs)
+import pbe_lightning.utils.resolvers  # noqa: F401  (registers ${pbe.*} for the trainer configs)
 from pbe_lightning.checkpoints import (
     AtomicCheckpointIO,
     check_same_architecture,
     newest_readable,
     remove_stale_writes,
 )
-from pbe_lightning.loggers import keep_one_wandb_run
-from pbe_lightning.models.build import build_model, instantiate
+from pbe_lightning.models.build import build_model
 from pbe_lightning.shutdown import EXIT_STALLED, SHUTDOWN, StalledShutdown
 from pbe_lightning.slurm import cluster_plugins, requeue_job
+from pbe_lightning.utils.instantiators import instantiate, instantiate_each
+from pbe_lightning.utils.loggers import finish_loggers, keep_one_wandb_run, save_resolved_config
 
 log = logging.getLogger(__name__)
 # The frozen VAE and CLIP tower are in eval mode on purpose; Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-def instantiate_each(group: DictConfig | None) -> list:
-    """A config group holding named components (callbacks, loggers) -> their instances."""
-    if not group:
-        return []
-    return [instantiate(node) for node in group.values() if node and "_target_" in node]
-
-
-@rank_zero_only
-def save_resolved_config(cfg: DictConfig, loggers: list[Logger]) -> None:
-    """The fully resolved config beside the outputs and in every logger (W&B: run config)."""
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -89,17 +72,6 @@ def make_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
         logger=loggers or False,
         plugins=[*plugins, AtomicCheckpointIO(), *cluster_plugins()],
     )
-
-
-@rank_zero_only
-def finish_loggers(loggers: list[Logger]) -> None:
-    """Close W&B runs: in a multirun all jobs share one process, and an open run would
-    swallow the next job's metrics instead of starting its own run."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            wandb.finish()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from pbe_lightning.data import augment as augment_module
 from pbe_lightning.data.augment import Augment, homography_grid, rotation_matrices, sample
-from tests.conftest import CONF
-from tests.helpers import CountOps
+from tests.helpers.config import CONF
+from tests.helpers.counters import CountOps
 
 PRESETS = ("paper", "none", "strong")
 ONLY = dict(hflip=0, rotation=0, blur=0, elastic=0, color_jitter=0, perspective=0)

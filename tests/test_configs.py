@@ -6,8 +6,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pbe_lightning.cli import quote_brace_patterns
-from tests.conftest import CONF
+from pbe_lightning.utils.overrides import quote_brace_patterns
+from tests.helpers.config import CONF
 
 GROUPS = [
     "data",

@@ -33,7 +33,7 @@ from pbe_lightning.data.samples import (
     make_sample,
 )
 from pbe_lightning.data.stream import StreamState
-from tests.hostile_corpus import hostile_cases
+from tests.helpers.hostile_corpus import hostile_cases
 
 SPEC = SampleSpec(resolution=64, reference_size=32, crop_sampler=CropSampler(reference_pad=0))
 DEVICE_SPEC = replace(SPEC, decode_on_device=True)

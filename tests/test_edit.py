@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pbe_lightning.data.demo import demo_scene
+from pbe_lightning.demo.dataset import demo_scene
 from pbe_lightning.edit import (
     edit_photo,
     edit_region,
@@ -21,8 +21,8 @@ from pbe_lightning.edit import (
     read_image,
     read_user_mask,
 )
-from tests.conftest import REPO
-from tests.test_evaluate import train_tiny_checkpoint
+from tests.helpers.config import REPO
+from tests.helpers.training import train_tiny_checkpoint
 
 WIDTH, HEIGHT = 200, 150
 BOX = (120, 40, 170, 90)  # x0, y0, x1, y1 of the white (edit) rectangle

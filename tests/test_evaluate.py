@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from pbe_lightning.data.demo import demo_scene
+from pbe_lightning.demo.dataset import demo_scene
+from pbe_lightning.demo.tiny_models import tiny_clip_folder
 from pbe_lightning.evaluate import evaluate
 from pbe_lightning.metrics import (
     ClipFeatures,
@@ -24,9 +25,8 @@ from pbe_lightning.metrics import (
     folder_features,
     save_quality_model,
 )
-from pbe_lightning.tiny import tiny_clip_folder
-from pbe_lightning.train import train
-from tests.conftest import CONF, REPO, compose_config
+from tests.helpers.config import CONF, REPO
+from tests.helpers.training import train_tiny_checkpoint
 
 spec = importlib.util.spec_from_file_location("make_cocoee", REPO / "data" / "make_cocoee.py")
 make_cocoee = importlib.util.module_from_spec(spec)
@@ -34,14 +34,6 @@ sys.modules["make_cocoee"] = make_cocoee  # dataclasses resolve annotations via 
 spec.loader.exec_module(make_cocoee)
 
 ITEMS = 5
-
-
-def train_tiny_checkpoint(root: Path, cache: Path) -> Path:
-    """One optimiser step, no validation: a real train.py checkpoint in about a second."""
-    overrides = ["trainer.max_steps=1", "+trainer.limit_val_batches=0"]
-    overrides += ["callbacks.checkpoint.every_n_train_steps=1", "~callbacks.sample_images"]
-    train(compose_config(root, cache, *overrides))
-    return root / "checkpoints" / "last.ckpt"
 
 
 def build_benchmark(root: Path) -> Path:

@@ -19,9 +19,9 @@ from torch import nn
 
 from pbe_lightning.export import export_pipeline, load_pipeline, main
 from pbe_lightning.models.build import build_model
-from pbe_lightning.models.sampler import make_sampler
+from pbe_lightning.models.samplers import make_sampler
 from pbe_lightning.train import train
-from tests.conftest import REPO, compose_config
+from tests.helpers.config import REPO, compose_config
 
 STEPS = 3
 

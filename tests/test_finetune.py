@@ -13,13 +13,13 @@ import torch
 from diffusers.pipelines.stable_diffusion import convert_from_ckpt
 from safetensors.torch import save_file
 
+from pbe_lightning.demo.tiny_models import tiny_sd_folder
 from pbe_lightning.export import clip_vision_config, export_pipeline, load_pipeline
 from pbe_lightning.models import pretrained
 from pbe_lightning.models.build import build_model, load_trained
 from pbe_lightning.models.ldm_layout import unet_to_ldm, vae_to_ldm
-from pbe_lightning.tiny import tiny_sd_folder
 from pbe_lightning.train import train
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 
 
 class InitProbe(L.Callback):

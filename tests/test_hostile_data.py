@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from pbe_lightning.data import inspect
+from pbe_lightning.data import shard_report
 from pbe_lightning.data.crops import CropSampler
 from pbe_lightning.data.ledger import read_ledger
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.data.stream import RecordSource, TrainStream
-from tests.hostile_corpus import (
+from tests.helpers.hostile_corpus import (
     OBJECT,
     Case,
     HostileCorpus,
@@ -265,7 +265,7 @@ def expected_ledger(corpus: HostileCorpus) -> set[tuple[str, str]]:
 
 def test_inspect_writes_a_ledger_naming_every_skipped_record_and_shard(corpus, tmp_path):
     ledger = tmp_path / "skipped.tsv"
-    inspect.main([*map(str, corpus.shards), "--out", "", "--ledger", str(ledger)])
+    shard_report.main([*map(str, corpus.shards), "--out", "", "--ledger", str(ledger)])
     lines = read_ledger(ledger)
     assert {(key, reason) for _, key, reason, _ in lines} == expected_ledger(corpus)
     assert len(lines) == sum(corpus.expected.skips.values())  # one line per skip, no more

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pbe_lightning.data.datamodule import expand_urls
-from pbe_lightning.data.demo import ensure_demo_dataset
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec
 from pbe_lightning.data.stream import TrainStream
-from tests.conftest import TINY, run_train
-from tests.hostile_corpus import write_hostile_corpus
+from pbe_lightning.demo.dataset import ensure_demo_dataset
+from tests.helpers.config import TINY
+from tests.helpers.hostile_corpus import write_hostile_corpus
+from tests.helpers.processes import run_train
 
 STEPS, BATCH = 48, 16
 
@@ -56,11 +57,7 @@ def test_training_over_hostile_shards_mixed_1_to_30_survives_and_counts(tmp_path
             if len((found := stream_skips(urls, seed))[0]) >= 3
         )
     run_dir = tmp_path / "run"
-    overrides = [
-        o
-        for o in TINY
-        if not o.startswith(("trainer.max_steps", "data.batch_size", "data.batches_per_epoch"))
-    ]
+    overrides = list(TINY)
     result = run_train(
         [
             *overrides,

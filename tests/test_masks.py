@@ -11,7 +11,7 @@ from pbe_lightning.data.masks import (
     mask_from_user_image,
     polygon_masks,
 )
-from tests.helpers import CountOps
+from tests.helpers.counters import CountOps
 
 SIZE = 64
 

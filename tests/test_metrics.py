@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pbe_lightning.data.demo import demo_scene
+from pbe_lightning.demo.dataset import demo_scene
+from pbe_lightning.demo.tiny_models import tiny_clip_folder
 from pbe_lightning.metrics import (
     ClipFeatures,
     clip_fid,
@@ -25,7 +26,6 @@ from pbe_lightning.metrics import (
     region_clip_score,
     save_quality_model,
 )
-from pbe_lightning.tiny import tiny_clip_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

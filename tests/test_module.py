@@ -8,7 +8,7 @@ from omegaconf import open_dict
 
 from pbe_lightning.data.masks import EDIT, KEEP
 from pbe_lightning.models.build import build_model
-from tests.conftest import bare_trainer
+from tests.helpers.training import bare_trainer
 
 
 @pytest.fixture

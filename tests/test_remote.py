@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pbe_lightning.data.datamodule import check_local_shards, expand_urls
-from pbe_lightning.data.demo import demo_shard_pattern, ensure_demo_dataset
 from pbe_lightning.data.samples import SampleSpec
 from pbe_lightning.data.stream import TrainStream
+from pbe_lightning.demo.dataset import demo_shard_pattern, ensure_demo_dataset
 
 SPEC = SampleSpec(resolution=64, reference_size=32)
 

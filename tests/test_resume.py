@@ -9,10 +9,12 @@ from hydra.utils import instantiate
 
 from pbe_lightning.callbacks.ema import EMA
 from pbe_lightning.models.build import build_model
-from tests.conftest import SMALL_SHARDS, TINY, bare_trainer, run_train
+from tests.helpers.config import SMALL_SHARDS, TINY
+from tests.helpers.processes import run_train
+from tests.helpers.training import bare_trainer
 
 RUN = [
-    *[o for o in TINY if not o.startswith(("trainer.max_steps", "data.num_workers"))],
+    *TINY,
     "trainer.max_steps=8",
     "data.batches_per_epoch=3",  # epoch ends and validations fall between kill points
     "data.num_workers=2",  # resume must also rotate the loader's worker order
@@ -54,7 +56,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, cache_dir,
     kill_points = random.Random(7).sample(range(2, 8), 2)
     for step in kill_points:
         run_dir = tmp_path / f"killed_at_{step}"
-        killer = ["+callbacks.kill._target_=tests.helpers.SignalAt", f"+callbacks.kill.step={step}"]
+        killer = [
+            "+callbacks.kill._target_=tests.helpers.callbacks.SignalAt",
+            f"+callbacks.kill.step={step}",
+        ]
         result = run_train([*RUN, *killer, f"hydra.run.dir={run_dir}"], tmp_path, cache_dir)
         assert result.returncode == -9, f"the run was meant to die at step {step}"
         partial = final_state(run_dir)  # last.ckpt must be loadable after a kill
@@ -70,7 +75,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, cache_dir,
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, cache_dir, small_shards):
     run_dir = tmp_path / "term"
     signal = [
-        "+callbacks.term._target_=tests.helpers.SignalAt",
+        "+callbacks.term._target_=tests.helpers.callbacks.SignalAt",
         "+callbacks.term.step=3",
         "+callbacks.term.signal=SIGTERM",
     ]

@@ -29,7 +29,7 @@ from pbe_lightning.data.samples import (
     stored_box,
     to_rgb,
 )
-from tests.hostile_corpus import STORE_TRANSPOSE, exif
+from tests.helpers.hostile_corpus import STORE_TRANSPOSE, exif
 
 SPEC = SampleSpec()  # 512 px crops, 224 px references
 

@@ -8,9 +8,12 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY, free_port, kill_group, run_train
+from tests.helpers.config import REPO, TINY
+from tests.helpers.processes import free_port, kill_group, run_train
 
-SMALL = [o for o in TINY if not o.startswith("logger")] + [
+SMALL = [
+    *TINY,
+    "logger=wandb_csv",
     "trainer.max_steps=3",
     "data.batches_per_epoch=3",
 ]
@@ -27,7 +30,7 @@ def test_two_nodes_on_localhost_with_torchrun_share_one_run_dir(tmp_path, cache_
         "trainer.precision=32-true",
         *SMALL,
         "logger=csv",
-        "+callbacks.batch_counter._target_=tests.helpers.BatchCounter",
+        "+callbacks.batch_counter._target_=tests.helpers.callbacks.BatchCounter",
         f"+callbacks.batch_counter.dirpath={counts}",
     ]
 
@@ -143,7 +146,7 @@ def test_slurm_launcher_config_asks_for_requeue_and_one_task_per_gpu():
 
 
 def test_multinode_trainer_reads_the_launchers_topology(monkeypatch):
-    from pbe_lightning.resolvers import launcher_devices, launcher_nodes
+    from pbe_lightning.utils.resolvers import launcher_devices, launcher_nodes
 
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
@@ -156,7 +159,7 @@ def test_multinode_trainer_reads_the_launchers_topology(monkeypatch):
 
 
 def test_jobs_started_by_a_scheduler_resume_their_run_folder_by_default(monkeypatch):
-    from pbe_lightning.resolvers import resume_under_scheduler, run_id
+    from pbe_lightning.utils.resolvers import resume_under_scheduler, run_id
 
     for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(name, raising=False)

@@ -21,21 +21,13 @@ import pytest
 import torch
 
 from pbe_lightning.checkpoints import NoReadableCheckpoint, newest_readable, save_atomically
-from pbe_lightning.data.demo import ensure_demo_dataset
+from pbe_lightning.demo.dataset import ensure_demo_dataset
 from pbe_lightning.shutdown import EXIT_SECOND_SIGNAL, EXIT_STALLED
-from tests.conftest import (
-    REPO,
-    SMALL_SHARDS,
-    TINY,
-    finish,
-    free_port,
-    kill_group,
-    run_train,
-    start_train,
-)
+from tests.helpers.config import REPO, SMALL_SHARDS, TINY
+from tests.helpers.processes import finish, free_port, kill_group, run_train, start_train
 
 RUN = [
-    *[o for o in TINY if not o.startswith(("trainer.max_steps", "data.num_workers"))],
+    *TINY,
     "trainer.max_steps=8",
     "data.batches_per_epoch=3",  # epoch ends and validations fall between signal points
     "data.num_workers=2",  # the workers get the group's signal too
@@ -53,7 +45,7 @@ def _shards_written(small_shards: list[str]) -> None:
 def paced(run_dir: Path, seconds: float = 0.25) -> list[str]:
     """Slow steps (weights unchanged) and a ``step`` file: signal at a chosen step."""
     return [
-        "+callbacks.pace._target_=tests.helpers.Pace",
+        "+callbacks.pace._target_=tests.helpers.callbacks.Pace",
         f"+callbacks.pace.dirpath={run_dir}",
         f"+callbacks.pace.seconds={seconds}",
     ]
@@ -259,7 +251,7 @@ def test_a_step_that_never_finishes_exits_non_zero_and_leaves_the_checkpoints(tm
         *paced(run_dir, 0.0),
         "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.preemption.grace_period_s=3",
-        "+callbacks.hang._target_=tests.helpers.HangAt",
+        "+callbacks.hang._target_=tests.helpers.callbacks.HangAt",
         "+callbacks.hang.step=3",
         f"+callbacks.hang.dirpath={run_dir}",
         f"hydra.run.dir={run_dir}",
@@ -321,7 +313,7 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_last_ckpt(tmp_path
         *paced(run_dir, 0.5),
         "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.checkpoint.save_top_k=0",  # only last.ckpt: the file under test
-        "+callbacks.ballast._target_=tests.helpers.Ballast",
+        "+callbacks.ballast._target_=tests.helpers.callbacks.Ballast",
         "+callbacks.ballast.megabytes=400",  # a write long enough to land a kill in it
         f"hydra.run.dir={run_dir}",
     ]

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY, finish, kill_group, run_train, start_train
-from tests.slurm_cluster import job_field, missing_binaries, slurm_cluster, wait_for_job
+from tests.helpers.config import REPO, TINY
+from tests.helpers.processes import finish, kill_group, run_train, start_train
+from tests.helpers.slurm_cluster import job_field, missing_binaries, slurm_cluster, wait_for_job
 
 pytestmark = [
     pytest.mark.slow,
@@ -27,7 +28,7 @@ def test_sbatch_srun_ddp_job_trains_into_one_job_folder(tmp_path, cache_dir):
             "trainer=multinode",
             "trainer.accelerator=cpu",
             "trainer.precision=32-true",
-            *[o for o in TINY if not o.startswith("logger")],
+            *TINY,
             "logger=csv",
             "trainer.max_steps=3",
             "data.batches_per_epoch=3",
@@ -64,7 +65,7 @@ srun {sys.executable} {REPO}/train.py {args}
 # -- preemption and time limits: requeued by the scheduler, resumed exactly ----------------
 
 REQUEUED = [
-    *[o for o in TINY if not o.startswith(("trainer.max_steps", "data.num_workers", "logger"))],
+    *TINY,
     "data.num_workers=2",
     "data.batches_per_epoch=5",
     "trainer.deterministic=true",
@@ -145,7 +146,7 @@ def uninterrupted(tmp_path: Path, cache_dir: Path, args: list[str]) -> dict:
 def paced(seconds: float = 0.25) -> list[str]:
     """Slow steps (weights unchanged) that write the step reached into the run folder."""
     return [
-        "+callbacks.pace._target_=tests.helpers.Pace",
+        "+callbacks.pace._target_=tests.helpers.callbacks.Pace",
         "+callbacks.pace.dirpath=${paths.output_dir}",
         f"+callbacks.pace.seconds={seconds}",
     ]

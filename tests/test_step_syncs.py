@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pbe_lightning.train import train
-from tests.conftest import TINY, run_train
+from tests.helpers.config import TINY
+from tests.helpers.processes import run_train
 
 QUIET = [
     "trainer.max_steps=13",
@@ -27,7 +28,7 @@ def steps_between_logging(report: list[dict]) -> list[dict]:
 def test_a_single_process_step_reads_nothing_back_between_logging_steps(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
         *QUIET,
-        "+callbacks.syncs._target_=tests.helpers.SyncCounter",
+        "+callbacks.syncs._target_=tests.helpers.callbacks.SyncCounter",
         f"+callbacks.syncs.dirpath={tmp_path}/syncs",
     )
     train(cfg)
@@ -48,9 +49,9 @@ def test_two_ddp_ranks_make_no_collective_on_the_training_group_between_logging_
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        *[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.log_every"))],
+        *TINY,
         *QUIET,
-        "+callbacks.syncs._target_=tests.helpers.SyncCounter",
+        "+callbacks.syncs._target_=tests.helpers.callbacks.SyncCounter",
         f"+callbacks.syncs.dirpath={run_dir}/syncs",
         f"hydra.run.dir={run_dir}",
     ]

@@ -14,9 +14,9 @@ import torch
 
 from pbe_lightning.data import stream as stream_module
 from pbe_lightning.data.datamodule import expand_urls
-from pbe_lightning.data.demo import demo_shard_pattern, ensure_demo_dataset
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.data.stream import EpochShards, StreamPosition, TrainStream
+from pbe_lightning.demo.dataset import demo_shard_pattern, ensure_demo_dataset
 
 SPEC = SampleSpec(resolution=64, reference_size=32)
 EMPTY, CORRUPT = SKIP_REASONS.index("empty_shard"), SKIP_REASONS.index("corrupt_shard")

@@ -10,7 +10,8 @@ import webdataset as wds
 from PIL import Image
 
 from pbe_lightning.train import train
-from tests.conftest import TINY, run_train
+from tests.helpers.config import TINY
+from tests.helpers.processes import run_train
 
 
 def test_resume_restores_global_step_and_optimizer_state(tiny_cfg, tmp_path):
@@ -89,7 +90,7 @@ def test_trains_on_a_users_own_shards(tiny_cfg, tmp_path, form):
         if form == "brace"
         else f"data.shards=[{folder}/mine-000.tar,{folder}/mine-001.tar]"
     )
-    from pbe_lightning.cli import quote_brace_patterns
+    from pbe_lightning.utils.overrides import quote_brace_patterns
 
     metrics = train(tiny_cfg(*quote_brace_patterns([shards])))
     assert np.isfinite(metrics["train/loss"])
@@ -156,11 +157,11 @@ def test_two_process_cpu_ddp_gets_equal_batches_and_one_output_dir(tmp_path, cac
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.precision=32-true",
-        *[o for o in TINY if not o.startswith("logger")],
+        *TINY,
         "logger=csv",
         "trainer.max_steps=5",
         "data.batches_per_epoch=3",
-        "+callbacks.batch_counter._target_=tests.helpers.BatchCounter",
+        "+callbacks.batch_counter._target_=tests.helpers.callbacks.BatchCounter",
         f"+callbacks.batch_counter.dirpath={run_dir}/counts",
         f"hydra.run.dir={run_dir}",
     ]

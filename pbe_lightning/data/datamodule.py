@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from pbe_lightning.data.augment import Augment
 from pbe_lightning.data.crops import BoxFilter, CropSampler
-from pbe_lightning.data.demo import ensure_demo_dataset
 from pbe_lightning.data.device_decode import decode_batch, is_encoded
 from pbe_lightning.data.masks import MaskGenerator
 from pbe_lightning.data.remote import check_schemes, is_local
@@ -129,7 +128,6 @@ class PaintByExampleDataModule(L.LightningDataModule):
         max_upscale: float = 4.0,
         mask: MaskGenerator | None = None,
         augment: Augment | None = None,
-        demo_dir: str | None = None,
         pin_memory: bool = True,
         decode_on_device: bool = False,
         sampling: str = "resampled",
@@ -162,17 +160,12 @@ class PaintByExampleDataModule(L.LightningDataModule):
         )
         self.masks = mask or MaskGenerator()
         self.augment = augment or Augment()
-        self.demo_dir = demo_dir
         self.pin_memory = pin_memory
         self._train_loader: EpochOfBatches | None = None
         self._position = StreamPosition()  # where this rank's streams resume
         self._next_batch = 0
         self._streams: list[dict | None] = [None] * max(1, num_workers)
         self._in_transfer: StreamState | None = None
-
-    def prepare_data(self) -> None:
-        if self.demo_dir:
-            ensure_demo_dataset(self.demo_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.shards:

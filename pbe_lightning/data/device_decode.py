@@ -176,7 +176,7 @@ def replace_failed(images: list, references: list, batch: dict) -> None:
     if not good:
         raise RuntimeError(
             f"no JPEG of a batch of {len(images)} could be decoded: the shards may be corrupt; "
-            "check them with `python -m pbe_lightning.data.inspect`, or set "
+            "check them with `python -m pbe_lightning.data.shard_report`, or set "
             "data.decode_on_device=false to decode (and skip bad files) in the loader workers"
         )
     warnings.warn(

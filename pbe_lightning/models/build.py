@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pbe_lightning.models.module import PaintByExampleModule
+from pbe_lightning.utils.instantiators import instantiate
 
 PARTS = ("backbone", "encoder", "noise_scheduler", "optimizer", "lr_scheduler")
-
-
-def instantiate(cfg: Any, **kwargs: Any) -> Any:
-    """Hydra's instantiate, but a user's error (missing weights...) surfaces as itself.
-
-    Hydra wraps every exception raised by a target in InstantiationException; the original
-    type and message (which name the path and the override to fix it) are what users need.
-    """
-    try:
-        return hydra_instantiate(cfg, **kwargs)
-    except InstantiationException as error:
-        if error.__cause__ is not None:
-            raise error.__cause__ from None
-        raise
 
 
 def build_model(cfg: DictConfig) -> PaintByExampleModule:

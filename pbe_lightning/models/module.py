@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from pbe_lightning.logging_steps import is_logging_step
 from pbe_lightning.models.backbone import Backbone, vae_downscale
 from pbe_lightning.models.encoder import ExemplarEncoder
-from pbe_lightning.models.sampler import encode_latents, make_sampler, paint
+from pbe_lightning.models.samplers import encode_latents, make_sampler, paint
 
 DropoutMode = Literal["per_sample", "per_batch"]
 # Frozen weights come back from the user's weight files; storing them in every checkpoint

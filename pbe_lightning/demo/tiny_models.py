@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pbe_lightning.cache import generate_once
+from pbe_lightning.demo.cache import generate_once
 from pbe_lightning.models.backbone import Backbone, load_backbone
 from pbe_lightning.models.encoder import Bottleneck, ExemplarEncoder, build_exemplar_encoder
 

@@ -1,6 +1,6 @@
 """Look at shards before training on them: counts, skips, boxes, sizes, and a contact sheet.
 
-    python -m pbe_lightning.data.inspect '/data/train-{000000..000099}.tar' --samples 16 \\
+    python -m pbe_lightning.data.shard_report '/data/train-{000000..000099}.tar' --samples 16 \\
         --out contact.png --mask paper --augment paper --max-records 2000
 
 SHARDS takes what ``data.shards`` takes (brace patterns, globs, several arguments). Every record
@@ -260,7 +260,7 @@ def report(stats: Stats, box_filter: BoxFilter) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pbe_lightning.data.inspect",
+        prog="python -m pbe_lightning.data.shard_report",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("shards", nargs="+", help="brace pattern, glob, or several paths")

@@ -17,7 +17,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from pbe_lightning.cache import generate_once
+from pbe_lightning.demo.cache import generate_once
 
 DEMO_VERSION = 2  # v2: completion marked by .complete (generate_once)
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring")

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import lightning as L
-from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class BatchCounter(L.Callback):
@@ -161,15 +160,3 @@ class SyncCounter(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"syncs_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.steps, indent=1))
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten ops run inside it (about the kernel launches on an accelerator)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))

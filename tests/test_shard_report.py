@@ -1,4 +1,4 @@
-"""``python -m pbe_lightning.data.inspect``: counts, skips and box statistics of some shards,
+"""``python -m pbe_lightning.data.shard_report``: counts, skips and box statistics of some shards,
 and a contact sheet of samples as the model sees them, built from the real config files."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import webdataset as wds
 from PIL import Image
 
 from pbe_lightning.data.datamodule import expand_urls
-from pbe_lightning.data.demo import demo_shard_pattern, ensure_demo_dataset
-from pbe_lightning.data.inspect import load_data_config, main
 from pbe_lightning.data.samples import SKIP_REASONS
-from tests.hostile_corpus import write_hostile_corpus
+from pbe_lightning.data.shard_report import load_data_config, main
+from pbe_lightning.demo.dataset import demo_shard_pattern, ensure_demo_dataset
+from tests.helpers.hostile_corpus import write_hostile_corpus
 
 SMALL = ["--resolution", "64", "--reference-size", "32"]
 

@@ -22,10 +22,11 @@ from contextlib import nullcontext
 import open_clip
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from pbe_lightning.demo.tiny_models import OPENAI_MEAN, OPENAI_STD, TINY_CLIP, TINY_UNET, TINY_VAE
+from pbe_lightning.demo.tiny_models import TINY_CLIP, TINY_UNET, TINY_VAE
 from pbe_lightning.models.backbone import SD15_CONFIG, Backbone, widen_input
-from pbe_lightning.models.encoder import ExemplarEncoder
+from pbe_lightning.models.encoder import ExemplarEncoder, clip_image_size
 from pbe_lightning.models.module import PaintByExampleModule
 
 
@@ -41,14 +42,14 @@ def build(arch: str, checkpointing: bool) -> PaintByExampleModule:
     else:
         unet, vae = UNet2DConditionModel(**TINY_UNET), AutoencoderKL(**TINY_VAE)
         visual, depth = open_clip.CLIP(**TINY_CLIP).visual, 1
-    size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
+    size = clip_image_size(visual)
     encoder = ExemplarEncoder(
         visual,
         visual.transformer.width,
         unet.config.cross_attention_dim,
         size,
-        OPENAI_MEAN,
-        OPENAI_STD,
+        OPENAI_DATASET_MEAN,
+        OPENAI_DATASET_STD,
         mapper_depth=depth,
     )
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

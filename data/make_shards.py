@@ -36,13 +36,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 # Only the annotation readers: importing them does not import torch (workers start fast).
-from pbe_lightning.data.sources import SOURCES, Box, Item
+from pbe_lightning.data.crops import Box
+from pbe_lightning.data.sources import Item, coco_items, folder_items, openimages_items
 
-EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 # Formats the loader decodes (samples.IMAGE_KEYS). MPO is how PIL names many camera JPEGs.
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -83,7 +83,7 @@ def read_header(path: str) -> Header:
             with Image.open(path) as image:
                 # The loader reads orientation the same way (getexif), so both agree on the
                 # displayed frame; for a PNG this may decode it, to find a trailing eXIf chunk.
-                value = image.getexif().get(EXIF_ORIENTATION, 1)
+                value = image.getexif().get(ExifTags.Base.Orientation, 1)
                 # Out-of-range values display as stored, in exif_transpose and in the loader.
                 orientation = value if isinstance(value, int) and 1 <= value <= 8 else 1
                 return Header(image.format or "", image.size, orientation)
@@ -374,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def source_items(args: argparse.Namespace, dropped: Counter) -> Iterator[Item]:
+    """The subcommand's reader, called with its options."""
+    if args.source == "openimages":
+        return openimages_items(
+            args.boxes,
+            args.images,
+            classes=args.classes,
+            keep_group_boxes=args.keep_group_boxes,
+            dropped=dropped,
+        )
+    if args.source == "coco":
+        return coco_items(args.annotations, args.images, dropped=dropped)
+    return folder_items(args.jsonl, args.root)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -382,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dropped: Counter = Counter()
-    items: Iterable[Item] = SOURCES[args.source](args, dropped)
+    items: Iterable[Item] = source_items(args, dropped)
     if args.limit is not None:
         items = (item for _, item in zip(range(args.limit), items))
     options = Options(args.resize, args.quality if args.resize else None, args.box_frame)

@@ -34,27 +34,26 @@ from pathlib import Path
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from pbe_lightning.edit import (
+from pbe_lightning.images import (
     centre_square,
     composite,
-    load_editor,
-    make_batch,
-    pick_device,
+    image_files,
+    mask_bounding_box,
+    panel_grid,
     read_image,
     read_user_mask,
     resize,
     save_atomically,
+    save_grid,
 )
+from pbe_lightning.inference import load_editor, make_batch, pick_device
 from pbe_lightning.metrics import (
     ClipFeatures,
     GaussianMixture,
     clip_fid_metric,
-    image_files,
     load_quality_model,
-    mask_bounding_box,
     quality_score,
     region_clip_score,
 )
@@ -203,7 +202,7 @@ def update_fids(
     fids: dict, images: list[torch.Tensor], clip: ClipFeatures, real: bool
 ) -> torch.Tensor:
     """Feed one batch of any-size images to every FID; returns CLIP's input (for QS)."""
-    clip_input = torch.cat([clip.resize(image) for image in images])
+    clip_input = torch.cat([clip.prepare(image) for image in images])
     fids["fid_clip"].update(clip_input, real=real)
     if "fid_inception" in fids:
         square = torch.cat([centre_square(image, INCEPTION_SIZE) for image in images])
@@ -238,13 +237,11 @@ def score(
 # --- outputs --------------------------------------------------------------------------------
 def write_grid(items: list[Item], folder: Path, path: Path, cell: int = 256) -> None:
     """One row per item: source | mask (white = edit) | reference | edit, each squashed."""
-    tiles = []
+    rows = []
     for item in items:
         source, mask, reference = load_item(item)
-        edit = read_image(edit_path(folder, item))
-        for image in (source, mask.expand(-1, 3, -1, -1), reference, edit):
-            tiles.append(resize(image, (cell, cell))[0])
-    save_image(make_grid(tiles, nrow=4, padding=2), path)
+        rows.append([source, mask, reference, read_image(edit_path(folder, item))])
+    save_grid(panel_grid(rows, cell), path)
 
 
 def log_results(loggers: list[Logger], report: dict, table: list[list], grid: Path) -> None:

@@ -24,10 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pbe_lightning.models.encoder import load_clip_vision
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end exclusive
+from pbe_lightning.images import PixelBox, centre_square, image_files, read_image, resize
+from pbe_lightning.models.encoder import clip_image_size, load_clip_vision
 
 
 class ClipFeatures(nn.Module):
@@ -48,32 +46,23 @@ class ClipFeatures(nn.Module):
     def load(cls, arch: str, checkpoint: str | None = None) -> ClipFeatures:
         """``arch`` + local ``checkpoint`` file, or ``local-dir:/folder``; hub tags are refused."""
         visual, preprocess = load_clip_vision(arch, checkpoint)
-        size = visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else int(size)
-        return cls(visual, size, preprocess["mean"], preprocess["std"])
+        return cls(visual, clip_image_size(visual), preprocess["mean"], preprocess["std"])
 
     def train(self, mode: bool = True) -> ClipFeatures:
         super().train(mode)
         self.visual.eval()  # a metric must not depend on dropout or the caller's mode
         return self
 
-    def resize(self, images: torch.Tensor, mode: str = "crop") -> torch.Tensor:
+    def prepare(self, images: torch.Tensor, mode: str = "crop") -> torch.Tensor:
         """To ``image_size`` square, float in [0, 1]: ``crop`` = CLIP's own preprocessing
-        (shorter side to size, centre crop), ``squash`` = both sides to size."""
+        (shorter side to size, centre crop), ``squash`` = both sides to size. Bicubic,
+        clamped: it overshoots, PIL-based CLIP preprocessing clips."""
         if images.dtype == torch.uint8:
             images = images.float() / 255
         images = images.to(self.mean.device, torch.float32)
-        size, (height, width) = self.image_size, images.shape[-2:]
         if mode == "squash":
-            target = (size, size)
-        else:
-            scale = size / min(height, width)
-            target = (max(size, round(height * scale)), max(size, round(width * scale)))
-        if (height, width) != target:
-            images = F.interpolate(images, target, mode="bicubic", antialias=True)
-            images = images.clamp(0, 1)  # bicubic overshoots; PIL-based CLIP preprocessing clips
-        top, left = (target[0] - size) // 2, (target[1] - size) // 2
-        return images[..., top : top + size, left : left + size]
+            return resize(images, (self.image_size, self.image_size))
+        return centre_square(images, self.image_size)
 
     @torch.no_grad()
     def embed(self, resized: torch.Tensor) -> torch.Tensor:
@@ -81,21 +70,7 @@ class ClipFeatures(nn.Module):
         return F.normalize(self.visual((resized - self.mean) / self.std).float(), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.resize(images))
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return files
-
-
-def load_image(path: str | Path) -> torch.Tensor:
-    """An image file -> ``(1, 3, H, W)`` float in [0, 1]."""
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
+        return self.embed(self.prepare(images))
 
 
 def folder_features(folder: str | Path, clip: ClipFeatures, batch_size: int = 32) -> torch.Tensor:
@@ -103,7 +78,7 @@ def folder_features(folder: str | Path, clip: ClipFeatures, batch_size: int = 32
     files, chunks = image_files(folder), []
     for start in range(0, len(files), batch_size):
         # Resized one by one: images in a folder rarely share one size.
-        batch = [clip.resize(load_image(f)) for f in files[start : start + batch_size]]
+        batch = [clip.prepare(read_image(f)) for f in files[start : start + batch_size]]
         chunks.append(clip.embed(torch.cat(batch)).cpu())
     return torch.cat(chunks)
 
@@ -297,25 +272,9 @@ def load_quality_model(path: str | Path) -> GaussianMixture:
 # --- region CLIP score ---------------------------------------------------------------------
 
 
-def mask_bounding_box(mask: torch.Tensor | np.ndarray | Image.Image) -> Box:
-    """Box of a user-convention mask (white = edit), end exclusive.
-
-    ``(H, W)`` or channel-first ``(C, H, W)``, floats in [0, 1] or 0-255, or a PIL image."""
-    if isinstance(mask, Image.Image):
-        mask = mask.convert("L")
-    values = _float64(mask).numpy()
-    if values.max() > 1:
-        values = values / 255
-    edit = values.reshape(-1, *values.shape[-2:]).max(0) > 0.5  # any channel
-    rows, cols = np.flatnonzero(edit.any(1)), np.flatnonzero(edit.any(0))
-    if not len(rows):
-        raise ValueError("the mask has no white (edit) pixel")
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 def region_clip_score(
     generated: torch.Tensor | Sequence[torch.Tensor],
-    mask_boxes: Sequence[Box],
+    mask_boxes: Sequence[PixelBox],
     references: torch.Tensor | Sequence[torch.Tensor],
     clip: ClipFeatures,
 ) -> float:
@@ -326,8 +285,8 @@ def region_clip_score(
     """
     regions, refs = [], []
     for image, (x0, y0, x1, y1), ref in zip(generated, mask_boxes, references, strict=True):
-        regions.append(clip.resize(image[None, :, y0:y1, x0:x1], "squash"))
-        refs.append(clip.resize(ref[None], "squash"))
+        regions.append(clip.prepare(image[None, :, y0:y1, x0:x1], "squash"))
+        refs.append(clip.prepare(ref[None], "squash"))
     similarity = (clip.embed(torch.cat(regions)) * clip.embed(torch.cat(refs))).sum(1)
     return float(similarity.mean() * 100)
 

@@ -1,13 +1,19 @@
 """Every config option composes, and each experiment means what it says."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pbe_lightning.utils.overrides import quote_brace_patterns
-from tests.helpers.config import CONF
+from tests.helpers.config import CONF, REPO, TINY
 
 GROUPS = [
     "data",
@@ -17,6 +23,7 @@ GROUPS = [
     "logger",
     "callbacks",
     "experiment",
+    "ablation",
     "model/encoder",
     "model/backbone",
 ]
@@ -82,3 +89,132 @@ def test_configs_are_documented_in_one_place():
                 continue
             same = [k for k in variant if k != "defaults" and variant[k] == base.get(k)]
             assert not same, (path, same)
+
+
+# The sweep grids of the method's ablations (conf/ablation/): -m ablation=NAME on any recipe.
+ABLATIONS = {
+    "bottleneck": {"model.encoder.bottleneck": "cls,tokens", "model.encoder.mapper_depth": "1,5"},
+    "augment": {"data/augment": "none,paper,strong"},
+    "mask": {"data/mask": "box,irregular,paper"},
+    "cfg": {"model.cfg_dropout": "0.0,0.1,0.2", "model.cfg_dropout_mode": "per_sample,per_batch"},
+}
+
+
+def compose_with_hydra(*overrides: str) -> DictConfig:
+    """``train.yaml`` with ``debug=tiny``, the ``hydra`` node kept (sweeper params, choices)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[*TINY, *overrides], return_hydra_config=True)
+
+
+def grid_points(grid: dict[str, str]) -> list[dict[str, str]]:
+    points = [{}]
+    for key, values in grid.items():
+        points = [{**point, key: value} for point in points for value in values.split(",")]
+    return points
+
+
+def test_ablations_are_sweep_grids_not_recipes():
+    assert options("ablation") == sorted(ABLATIONS)
+    assert not [name for name in options("experiment") if "ablat" in name]
+    for name, grid in ABLATIONS.items():
+        assert yaml.safe_load((CONF / "ablation" / f"{name}.yaml").read_text()) == {
+            "hydra": {"sweeper": {"params": grid}}
+        }
+
+
+@pytest.mark.parametrize("recipe", ["demo", "paper"])
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
+def test_every_ablation_composes_with_every_recipe(recipe, ablation):
+    cfg = compose_with_hydra(f"experiment={recipe}", f"ablation={ablation}")
+    assert cfg.hydra.runtime.choices.experiment == recipe
+    assert cfg.hydra.runtime.choices.ablation == ablation
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == ABLATIONS[ablation]
+    base = compose_with_hydra(f"experiment={recipe}")
+    assert cfg.model == base.model and cfg.data == base.data and cfg.trainer == base.trainer
+    # Each job of the grid is the recipe with that point's overrides: every value lands.
+    for point in grid_points(ABLATIONS[ablation]):
+        job = compose_with_hydra(
+            f"experiment={recipe}", f"ablation={ablation}", *(f"{k}={v}" for k, v in point.items())
+        )
+        for key, value in point.items():
+            if "/" in key:  # a config group: its option is chosen
+                assert job.hydra.runtime.choices[key] == value
+            else:
+                assert OmegaConf.select(job, key) == yaml.safe_load(value), (key, value)
+
+
+# A stand-in for train.py: the same config tree and Hydra multirun, printing each job's
+# swept values and W&B settings instead of training.
+PROBE = """
+import json
+import hydra
+from omegaconf import OmegaConf
+import pbe_lightning.utils.resolvers
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
+def main(cfg):
+    job = {"wandb": OmegaConf.to_container(cfg.logger.wandb, resolve=True)}
+    job["mask"] = cfg.data.mask.irregular_prob
+    job["encoder"] = OmegaConf.to_container(cfg.model.encoder, resolve=True)
+    print("JOB " + json.dumps(job))
+
+main()
+"""
+
+
+def sweep(tmp_path: Path, *overrides: str) -> list[dict]:
+    script = tmp_path / "probe.py"
+    script.write_text(f"CONF = {str(CONF)!r}\n" + PROBE)
+    done = subprocess.run(
+        [sys.executable, str(script), "-m", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("JOB ")]
+
+
+def test_an_ablation_sweep_runs_its_grid_in_one_tagged_wandb_group(tmp_path):
+    # python train.py -m ablation=mask debug=tiny: the mask grid on the demo, one job a shape.
+    jobs = sweep(tmp_path, "ablation=mask", "debug=tiny", "logger=wandb")
+    assert [job["mask"] for job in jobs] == [0.0, 1.0, 0.5]  # box, irregular, paper
+    wandb = [job["wandb"] for job in jobs]
+    assert {w["group"] for w in wandb} == {"demo+ablation=mask/sweep"}
+    assert all(w["tags"] == ["demo", "ablation=mask"] for w in wandb)
+    assert ["data/mask=box" in w["name"] for w in wandb] == [True, False, False]
+
+
+def test_command_line_values_narrow_an_ablation_grid_on_any_recipe(tmp_path):
+    jobs = sweep(
+        tmp_path,
+        "experiment=paper",
+        "ablation=bottleneck",
+        "model.encoder.mapper_depth=5",
+        "debug=tiny",
+        "logger=wandb",
+    )
+    encoders = [(job["encoder"]["bottleneck"], job["encoder"]["mapper_depth"]) for job in jobs]
+    assert encoders == [("cls", 5), ("tokens", 5)]
+    assert jobs[0]["wandb"]["tags"] == ["paper", "ablation=bottleneck"]
+    assert jobs[0]["wandb"]["group"] == "paper+ablation=bottleneck/sweep"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tags"),
+    [([], ["demo"]), (["experiment=paper", "ablation=mask"], ["paper", "ablation=mask"])],
+)
+def test_train_cfg_job_resolves_the_wandb_tags(overrides, tags):
+    done = subprocess.run(
+        [sys.executable, "train.py", *overrides, "debug=tiny", "logger=wandb", "--cfg", "job"]
+        + ["--resolve"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    wandb = yaml.safe_load(done.stdout)["logger"]["wandb"]
+    assert wandb["tags"] == tags and wandb["group"] is None  # a single run: no sweep group

@@ -10,26 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from pbe_lightning.demo.dataset import demo_scene
-from pbe_lightning.edit import (
-    edit_photo,
-    edit_region,
-    load_editor,
-    main,
-    read_image,
-    read_user_mask,
-)
+from pbe_lightning.edit import main
+from pbe_lightning.images import read_image, read_user_mask
+from pbe_lightning.inference import edit_photo, edit_region, load_editor
 from tests.helpers.config import REPO
-from tests.helpers.training import train_tiny_checkpoint
 
 WIDTH, HEIGHT = 200, 150
 BOX = (120, 40, 170, 90)  # x0, y0, x1, y1 of the white (edit) rectangle
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, cache_dir) -> dict[str, Path]:
+def files(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("edit")
     scene = demo_scene(np.random.default_rng(5), 160)[0].resize((WIDTH, HEIGHT))
     scene.save(root / "photo.png")
@@ -39,7 +33,7 @@ def files(tmp_path_factory, cache_dir) -> dict[str, Path]:
     Image.fromarray(np.zeros_like(mask)).save(root / "empty.png")
     Image.fromarray(mask[:100]).save(root / "small.png")
     demo_scene(np.random.default_rng(6), 48)[0].crop((4, 4, 40, 30)).save(root / "example.png")
-    return {"root": root, "ckpt": train_tiny_checkpoint(root / "run", cache_dir)} | {
+    return {"root": root, "ckpt": tiny_checkpoint} | {
         name: root / f"{name}.png" for name in ("photo", "mask", "empty", "small", "example")
     }
 
@@ -101,7 +95,7 @@ def test_region_geometry():
 def test_photos_are_read_as_displayed(tmp_path):
     # EXIF orientation 6 (rotate 90 degrees): users draw masks on the upright photo.
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[ExifTags.Base.Orientation] = 6
     Image.new("RGB", (40, 30), "red").save(tmp_path / "phone.jpg", exif=exif)
     assert read_image(tmp_path / "phone.jpg").shape == (1, 3, 30, 40)
     assert read_image(tmp_path / "phone.jpg", upright=True).shape == (1, 3, 40, 30)

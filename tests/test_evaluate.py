@@ -26,7 +26,6 @@ from pbe_lightning.metrics import (
     save_quality_model,
 )
 from tests.helpers.config import CONF, REPO
-from tests.helpers.training import train_tiny_checkpoint
 
 spec = importlib.util.spec_from_file_location("make_cocoee", REPO / "data" / "make_cocoee.py")
 make_cocoee = importlib.util.module_from_spec(spec)
@@ -59,7 +58,7 @@ def build_benchmark(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, cache_dir) -> dict:
+def setup(tmp_path_factory, cache_dir, tiny_checkpoint) -> dict:
     root = tmp_path_factory.mktemp("eval")
     real = root / "real"
     real.mkdir()
@@ -70,7 +69,7 @@ def setup(tmp_path_factory, cache_dir) -> dict:
     quality.clip = clip_arch
     save_quality_model(quality, root / "qs.npz")
     args = [
-        f"ckpt_path={train_tiny_checkpoint(root / 'run', cache_dir)}",
+        f"ckpt_path={tiny_checkpoint}",
         f"benchmark={build_benchmark(root)}",
         f"real_images={real}",
         f"clip.arch={clip_arch}",

@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from pbe_lightning.export import export_pipeline, load_pipeline, main
+from pbe_lightning.convert.pipeline import load_pipeline
+from pbe_lightning.export import export_official, export_pipeline, main
 from pbe_lightning.models.build import build_model
 from pbe_lightning.models.samplers import make_sampler
-from pbe_lightning.train import train
 from tests.helpers.config import REPO, compose_config
 
 STEPS = 3
@@ -153,9 +153,35 @@ def test_refuses_what_diffusers_cannot_load(module, tmp_path, monkeypatch):
         export_pipeline(module, tmp_path / "depth")
 
 
-def test_cli_exports_a_trained_checkpoint(tmp_path, cache_dir):
-    train(compose_config(tmp_path / "run", cache_dir, "trainer.max_steps=2", "logger=none"))
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+def test_official_format_writes_ema_weights_and_refuses_what_it_cannot_hold(
+    module, tmp_path, monkeypatch
+):
+    trainable = {id(p) for p in module.trainable_parameters()}
+    ema = {n: p.detach() + 0.5 for n, p in module.named_parameters() if id(p) in trainable}
+    before = module.unet.conv_in.weight.clone()
+    out = export_official(
+        module, tmp_path / "ema.safetensors", ema=True, checkpoint={"pbe_ema": ema}
+    )
+    state = load_file(out)
+    unet_in = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(state[unet_in], ema["unet.conv_in.weight"])
+    assert torch.equal(state["proj_out.weight"], ema["encoder.proj_out.weight"])
+    assert torch.equal(state["learnable_vector"], ema["encoder.uncond_vector"])
+    assert torch.equal(module.unet.conv_in.weight, before)
+    plain = load_file(export_official(module, tmp_path / "plain.safetensors"))
+    assert torch.equal(plain[unet_in], before)
+    with pytest.raises(ValueError, match="no 'pbe_ema'"):
+        export_official(module, tmp_path / "none.safetensors", ema=True, checkpoint={})
+    with pytest.raises(ValueError, match=r"\.safetensors.*--out model\.safetensors"):
+        export_official(module, tmp_path / "folder")
+    monkeypatch.setattr(module.encoder, "bottleneck", "tokens")
+    with pytest.raises(ValueError, match="bottleneck='tokens' in the official layout.*Keep"):
+        export_official(module, tmp_path / "tokens.safetensors")
+    assert not (tmp_path / "tokens.safetensors").exists()
+
+
+def test_cli_exports_a_trained_checkpoint(tmp_path, cache_dir, tiny_checkpoint):
+    ckpt = tiny_checkpoint
     env = dict(os.environ, PBE_CACHE_DIR=str(cache_dir), PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "pbe_lightning.export", "--ckpt", str(ckpt)]
     result = subprocess.run(

@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion import convert_from_ckpt
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from pbe_lightning.convert.clip import clip_vision_config
+from pbe_lightning.convert.ldm import unet_to_ldm, vae_to_ldm
+from pbe_lightning.convert.official import to_official_layout
+from pbe_lightning.convert.pipeline import load_pipeline
 from pbe_lightning.demo.tiny_models import tiny_sd_folder
-from pbe_lightning.export import clip_vision_config, export_pipeline, load_pipeline
-from pbe_lightning.models import pretrained
+from pbe_lightning.export import export_pipeline, main
 from pbe_lightning.models.build import build_model, load_trained
-from pbe_lightning.models.ldm_layout import unet_to_ldm, vae_to_ldm
+from pbe_lightning.models.init_from import init_weights
 from pbe_lightning.train import train
 from tests.helpers.config import compose_config
 
@@ -67,7 +70,7 @@ def original(tmp_path_factory, cache_dir):
 
 @pytest.fixture(scope="module")
 def official_file(original, tmp_path_factory) -> Path:
-    state = pretrained.to_official_layout(original)
+    state = to_official_layout(original.unet, original.vae, original.encoder)
     # What the real file also holds: LDM's schedule buffers, transformers 4's position ids.
     state["betas"] = torch.linspace(0.1, 0.2, 10)
     state["cond_stage_model.transformer.vision_model.embeddings.position_ids"] = torch.arange(17)
@@ -111,12 +114,35 @@ def test_pipeline_folder_imports_exactly(original, pipeline_folder, tiny_cfg):
     assert_same_state(imported.state_dict(), original.state_dict())
 
 
+def test_official_format_export_of_a_trained_checkpoint_is_what_finetune_starts_from(
+    tiny_checkpoint, tiny_cfg, tmp_path
+):
+    """python -m pbe_lightning.export --format official, read back by model.init_from."""
+    trained = load_trained(str(tiny_checkpoint))
+    saved = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    for name in ("model.safetensors", "model.ckpt"):
+        out = tmp_path / name
+        main(["--ckpt", str(tiny_checkpoint), "--format", "official", "--out", str(out)])
+        imported = build_model(finetune_cfg(tiny_cfg, out).model)
+        assert_same_state(imported.state_dict(), trained.state_dict())
+        assert torch.equal(imported.unet.conv_in.weight, saved["unet.conv_in.weight"])
+        assert torch.equal(imported.encoder.proj_out.weight, saved["encoder.proj_out.weight"])
+    # .ckpt: {"state_dict": ...}, what the official repository's scripts torch.load.
+    official = torch.load(tmp_path / "model.ckpt", weights_only=True)["state_dict"]
+    assert_same_state(load_file(tmp_path / "model.safetensors"), official)
+    assert "learnable_vector" in official
+    assert "model.diffusion_model.input_blocks.0.0.weight" in official
+    assert "cond_stage_model.transformer.vision_model.embeddings.class_embedding" in official
+    with pytest.raises(SystemExit):  # a file name without --format official
+        main(["--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "pipe.safetensors")])
+
+
 def test_official_layout_is_what_diffusers_own_converter_reads(original, monkeypatch):
     """An independent reader of the official names: diffusers' converter for that file."""
     config = clip_vision_config(original.encoder)
     stub = SimpleNamespace(from_pretrained=lambda *args, **kwargs: config)
     monkeypatch.setattr(convert_from_ckpt, "CLIPVisionConfig", stub)  # it would download
-    state = pretrained.to_official_layout(original)
+    state = to_official_layout(original.unet, original.vae, original.encoder)
     flat = not hasattr(convert_from_ckpt.PaintByExampleImageEncoder(config).model, "vision_model")
     if flat:  # transformers 5's CLIPVisionModel has no vision_model level; the file does
         state = {
@@ -173,21 +199,21 @@ def test_unset_or_wrong_weights_are_named(official_file, fresh, tiny_cfg, tmp_pa
     ):
         build_model(tiny_cfg("experiment=finetune", f"model.init_from={nope}").model)
     with pytest.raises(FileNotFoundError, match="not a PaintByExamplePipeline folder"):
-        pretrained.init_weights(fresh, tiny_sd_folder(cache_dir))
+        init_weights(fresh, tiny_sd_folder(cache_dir))
     sd_only = {
         **unet_to_ldm(fresh.unet.state_dict(), fresh.unet.config),
         **vae_to_ldm(fresh.vae.state_dict(), fresh.vae.config),
     }
     save_file({k: v.contiguous() for k, v in sd_only.items()}, tmp_path / "sd.safetensors")
     with pytest.raises(ValueError, match=r"cond_stage_model.transformer.\*.*model.backbone.path"):
-        pretrained.init_weights(fresh, tmp_path / "sd.safetensors")
+        init_weights(fresh, tmp_path / "sd.safetensors")
     state = torch.load(official_file, weights_only=True)["state_dict"]
     del state["proj_out.bias"]
     state["learnable_vector"] = torch.zeros(1, 1, 16)
     torch.save(state, tmp_path / "bad.ckpt")
     before = fresh.encoder.proj_out.weight.clone()
     with pytest.raises(ValueError, match=r"1 missing \['encoder.proj_out.bias'\]") as info:
-        pretrained.init_weights(fresh, tmp_path / "bad.ckpt")
+        init_weights(fresh, tmp_path / "bad.ckpt")
     assert "encoder.uncond_vector (1, 1, 16) in the file, (1, 1, 32) in the model" in str(
         info.value
     )

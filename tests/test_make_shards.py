@@ -8,14 +8,16 @@ import json
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from pbe_lightning.data.samples import SampleSpec, make_sample
+from pbe_lightning.data.sources import coco_items, folder_items, openimages_items
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "data" / "make_shards.py"
@@ -44,7 +46,7 @@ def save_image(path: Path, displayed: tuple[int, int], box: list, orientation: i
     exif = Image.Exif()
     if orientation == 6:  # displayed = stored turned 90 deg clockwise
         image = image.transpose(Image.Transpose.ROTATE_90)
-        exif[ms.EXIF_ORIENTATION] = 6
+        exif[ExifTags.Base.Orientation] = 6
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, exif=exif, quality=95)
 
@@ -233,7 +235,7 @@ def test_resize_scales_boxes_and_bakes_in_orientation(folder, tmp_path):
     run(folder, tmp_path / "out", "--resize", "80")
     records = read_shards(tmp_path / "out")
     image = Image.open(io.BytesIO(records["rotated"]["jpg"]))
-    assert image.size == (40, 80) and image.getexif().get(ms.EXIF_ORIENTATION, 1) == 1
+    assert image.size == (40, 80) and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
     assert_box(records["rotated"], [v * 0.4 for v in ROTATED_BOX])
     assert_loader_reads({k: r for k, r in records.items() if k == "rotated"})
 
@@ -243,7 +245,7 @@ def test_stored_frame_boxes_follow_every_orientation(orientation):
     stored, box = Image.new("RGB", (40, 24)), (3, 5, 11, 20)
     stored.paste((255, 0, 0), box)
     exif = Image.Exif()
-    exif[ms.EXIF_ORIENTATION] = orientation
+    exif[ExifTags.Base.Orientation] = orientation
     buffer = io.BytesIO()
     stored.save(buffer, format="PNG", exif=exif)
     item = ms.Item("k", "unused", (box,), None, "test", annotated_size=(40, 24))
@@ -281,6 +283,35 @@ def test_cli_with_two_workers_matches_one(coco, tmp_path):
     for shard in one["shards"]:
         name = shard["file"]
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_readers_take_plain_arguments(openimages, coco, folder):
+    # The library readers need no command line: paths (str or Path) and keyword options.
+    dropped = Counter()
+    boxes, images = Path(option(openimages, "--boxes")), option(openimages, "--images")
+    classes = option(openimages, "--classes")
+    items = list(openimages_items(boxes, images, classes=classes, dropped=dropped))
+    assert [i.key for i in items] == list(OI_IDS.values()) and dropped == {"group_of": 2}
+    assert items[0].labels == ("Cat",) and items[0].path == str(Path(images, f"{items[0].key}.jpg"))
+    kept = next(openimages_items(boxes, images, keep_group_boxes=True))
+    assert len(kept.boxes) == 2 and kept.labels == ("/m/cat", "/m/dog")
+
+    dropped = Counter()
+    items = list(
+        coco_items(option(coco, "--annotations"), option(coco, "--images"), dropped=dropped)
+    )
+    assert len(items) == 7 and dropped == {"crowd": 1} and items[0].labels == ("cat",)
+    assert list(coco_items(option(coco, "--annotations"), option(coco, "--images"))) == items
+
+    jsonl = Path(option(folder, "--jsonl"))
+    items = {i.key: i for i in folder_items(jsonl)}
+    assert len(items) == 6 and items["sub_a_b"].labels == ("cat", "sky")
+    assert items["rotated"].path == str(jsonl.parent / "rotated.jpg")
+    assert next(folder_items(jsonl, root="/elsewhere")).path == "/elsewhere/sub/a.b.jpg"
 
 
 def test_cli_help():

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pbe_lightning.demo.dataset import demo_scene
 from pbe_lightning.demo.tiny_models import tiny_clip_folder
+from pbe_lightning.images import mask_bounding_box
 from pbe_lightning.metrics import (
     ClipFeatures,
     clip_fid,
@@ -21,7 +22,6 @@ from pbe_lightning.metrics import (
     fit_gmm,
     fit_quality_model,
     load_quality_model,
-    mask_bounding_box,
     quality_score,
     region_clip_score,
     save_quality_model,
@@ -189,7 +189,7 @@ def test_region_clip_score_is_100_for_the_reference_itself(clip):
     swapped = region_clip_score(generated, boxes, others, clip)
     assert swapped < 100 - 1e-2
     # The mean over items of 100 x cosine, each region squashed to 32 px.
-    region = clip.embed(clip.resize(generated[:1, :, 10:30, 4:40], "squash"))
-    cosine = float((region * clip.embed(clip.resize(others[0][None], "squash"))).sum())
+    region = clip.embed(clip.prepare(generated[:1, :, 10:30, 4:40], "squash"))
+    cosine = float((region * clip.embed(clip.prepare(others[0][None], "squash"))).sum())
     single = region_clip_score(generated[:1], boxes[:1], others[:1], clip)
     assert single == pytest.approx(100 * cosine, rel=1e-5)

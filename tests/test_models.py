@@ -7,6 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
+from pbe_lightning.convert.ldm import unet_to_ldm, vae_to_ldm
 from pbe_lightning.demo.tiny_models import (
     TINY_UNET,
     tiny_backbone,
@@ -16,7 +17,6 @@ from pbe_lightning.demo.tiny_models import (
 )
 from pbe_lightning.models.backbone import load_backbone, widen_input
 from pbe_lightning.models.encoder import build_exemplar_encoder
-from pbe_lightning.models.ldm_layout import unet_to_ldm, vae_to_ldm
 
 
 @pytest.mark.parametrize("bottleneck, tokens", [("cls", 1), ("tokens", 1 + 16)])

@@ -26,13 +26,17 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return expand_urls(demo_shard_pattern(root, 4))
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # not on the test's output
+        pass
+
+
 @pytest.fixture(scope="module")
 def server(shards: list[str]):
     """The shards' folder served on 127.0.0.1, as an object store's HTTPS endpoint would be."""
     folder = shards[0].rsplit("/", 1)[0]
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+    handler = functools.partial(QuietHandler, directory=folder)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    handler.log_message = lambda *args: None
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -114,7 +114,7 @@ def test_ema_averages_only_taken_steps_and_round_trips(tiny_cfg):
     assert torch.allclose(dict(model.named_parameters())[name], start[name] + 1)
 
 
-def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error(tiny_cfg):
+def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("model.max_nonfinite_steps=3", "trainer.max_steps=10")
     datamodule = instantiate(cfg.data)
     model = build_model(cfg.model)
@@ -123,7 +123,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error(tiny_cfg):
     def diverged(*args, **kwargs) -> torch.Tensor:  # NaN gradients in every trainable weight
         return sum(p.sum() for p in model.trainable_parameters()) * float("nan")
 
-    model.diffusion_loss = diverged
+    monkeypatch.setattr(model, "diffusion_loss", diverged)
     trainer = bare_trainer(max_steps=10)
     with pytest.raises(
         RuntimeError, match="non-finite for 10 steps in a row.*model.max_nonfinite_steps=3"
@@ -135,7 +135,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error(tiny_cfg):
     assert trainer.global_step == 10  # skipped updates still count as steps, as in GradScaler
 
 
-def test_a_skipped_update_leaves_weights_adam_state_and_ema_as_they_were(tiny_cfg):
+def test_a_skipped_update_leaves_weights_adam_state_and_ema_as_they_were(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("trainer.max_steps=4")
     model = build_model(cfg.model)
     datamodule = instantiate(cfg.data)
@@ -148,15 +148,15 @@ def test_a_skipped_update_leaves_weights_adam_state_and_ema_as_they_were(tiny_cf
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    model.diffusion_loss = nan_on_third
+    monkeypatch.setattr(model, "diffusion_loss", nan_on_third)
     snapshots = []
-    record = type("Record", (L.Callback,), {})()
-    record.on_train_batch_end = lambda trainer, module, *a: snapshots.append(
-        (
-            {k: v.clone() for k, v in module.state_dict().items()},
-            {k: v.clone() for k, v in ema.shadow.items()},
-        )
-    )
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            weights = {k: v.clone() for k, v in module.state_dict().items()}
+            snapshots.append((weights, {k: v.clone() for k, v in ema.shadow.items()}))
+
+    record = Record()
     trainer = bare_trainer(max_steps=4)
     trainer.callbacks.extend([ema, record])
     trainer.fit(model, datamodule=datamodule)

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from pbe_lightning.data import shard_report
 from pbe_lightning.data.datamodule import expand_urls
 from pbe_lightning.data.samples import SKIP_REASONS
 from pbe_lightning.data.shard_report import load_data_config, main
 from pbe_lightning.demo.dataset import demo_shard_pattern, ensure_demo_dataset
+from tests.helpers.config import CONF
 from tests.helpers.hostile_corpus import write_hostile_corpus
 
 SMALL = ["--resolution", "64", "--reference-size", "32"]
@@ -85,3 +88,26 @@ def test_mask_and_augment_choices_come_from_the_config_files():
 def test_a_pattern_matching_nothing_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no shards"):
         main([str(tmp_path / "none-*.tar"), "--out", ""])
+
+
+def test_the_config_tree_is_found_without_a_checkout(demo, tmp_path, monkeypatch, capsys):
+    # As installed: no conf/ next to the package, run from a folder without one either.
+    monkeypatch.setattr(shard_report, "CHECKOUT_CONF", tmp_path / "site-packages" / "conf")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--config-dir") as refused:
+        main([demo, "--out", "", *SMALL])
+    assert "\n" not in str(refused.value)  # one line, not a Hydra traceback
+    tree = shutil.copytree(CONF, tmp_path / "elsewhere" / "conf")
+    stats = main([demo, "--out", "", "--config-dir", str(tree), *SMALL])
+    assert stats.records == 40 and "records: 40 total" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--config-dir"):
+        main([demo, "--out", "", "--config-dir", str(tmp_path), *SMALL])  # not a config tree
+    # ./conf in the current directory is the default, and comes before the checkout's.
+    (tree / "data" / "mask" / "box.yaml").write_text(
+        "defaults:\n  - paper\n  - _self_\nirregular_prob: 0.25\n"
+    )
+    monkeypatch.chdir(tree.parent)
+    assert load_data_config("box", "none").mask.irregular_prob == 0.25
+    monkeypatch.setattr(shard_report, "CHECKOUT_CONF", CONF)
+    assert load_data_config("box", "none").mask.irregular_prob == 0.25
+    assert load_data_config("box", "none", config_dir=CONF).mask.irregular_prob == 0.0

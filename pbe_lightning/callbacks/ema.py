@@ -13,6 +13,9 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 
+# The checkpoint entry holding the EMA weights (state-dict names -> tensors); export reads it.
+EMA_KEY = "pbe_ema"
+
 
 class EMA(L.Callback):
     def __init__(
@@ -88,8 +91,8 @@ class EMA(L.Callback):
             self._context = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["pbe_ema"] = {n: t.detach().cpu() for n, t in self.shadow.items()}
+        checkpoint[EMA_KEY] = {n: t.detach().cpu() for n, t in self.shadow.items()}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if "pbe_ema" in checkpoint:
-            self.shadow = {n: t.clone() for n, t in checkpoint["pbe_ema"].items()}
+        if EMA_KEY in checkpoint:
+            self.shadow = {n: t.clone() for n, t in checkpoint[EMA_KEY].items()}

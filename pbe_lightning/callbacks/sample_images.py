@@ -6,10 +6,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
+
+from pbe_lightning.images import batch_rows, panel_grid, save_grid
 
 
 def edit_grid(batch: dict, edits: torch.Tensor, limit: int) -> torch.Tensor:
@@ -18,14 +18,13 @@ def edit_grid(batch: dict, edits: torch.Tensor, limit: int) -> torch.Tensor:
     Pasting back shows exactly what the model painted, next to untouched context.
     """
     n = min(limit, edits.shape[0])
-    size = batch["image"].shape[-2:]
+    size = tuple(batch["image"].shape[-2:])
     source = batch["image"][:n] * 0.5 + 0.5
-    hole = (1 - batch["mask"][:n]).expand(-1, 3, -1, -1)  # user-facing: white = edit
-    reference = F.interpolate(batch["reference"][:n].float(), size=size, mode="bilinear")
+    hole = 1 - batch["mask"][:n]  # user-facing: white = edit
     keep = batch["mask"][:n]
     edit = (batch["image"][:n] * keep + edits[:n] * (1 - keep)) * 0.5 + 0.5
-    rows = torch.stack([source, hole, reference, edit], dim=1).flatten(0, 1)
-    return make_grid(rows.float().cpu().clamp(0, 1), nrow=4, padding=2)
+    rows = batch_rows(source, hole, batch["reference"][:n], edit)
+    return panel_grid(rows, size, mode="bilinear", antialias=False)  # the reference is smaller
 
 
 class SampleImages(L.Callback):
@@ -58,8 +57,7 @@ class SampleImages(L.Callback):
 
     @rank_zero_only
     def _publish(self, trainer: L.Trainer, grid: torch.Tensor) -> None:
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        save_image(grid, self.dirpath / f"step_{trainer.global_step:07d}.png")
+        save_grid(grid, self.dirpath / f"step_{trainer.global_step:07d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 caption = "source | hole | reference | edit (pasted into the hole)"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
 from pbe_lightning.data.crops import Box, BoxFilter, CropGeometry, CropSampler, choose_box
 
@@ -38,7 +38,6 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # may run on untrusted bytes (others have a long CVE history, and EPS shells out to Ghostscript).
 # A JPEG factory also opens multi-picture JPEGs (MPO) from phones.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
-EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the transpose that displays the stored pixels (as ImageOps.exif_transpose).
 DISPLAY_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -245,7 +244,7 @@ def orientation(image: Image.Image) -> int:
         with warnings.catch_warnings():
             # PIL reads corrupt EXIF as empty and warns once per record: noise in every worker.
             warnings.simplefilter("ignore", UserWarning)
-            value = image.getexif().get(EXIF_ORIENTATION, 1)
+            value = image.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception as error:
         # For a PNG, getexif decodes the pixels to find a trailing eXIf chunk: a broken file
         # fails here. Elsewhere the boxes' frame would be unknown; skip either way.

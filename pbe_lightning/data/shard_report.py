@@ -9,6 +9,9 @@ would log. The contact sheet shows random usable samples as the model gets them:
 crop, then ``device_transform`` with the mask and augmentation built from the real config files
 (``conf/data/mask/*.yaml``, ``conf/data/augment/*.yaml``) by Hydra. One row per sample:
 source | mask (white = edit) | masked source | augmented reference.
+
+The config tree is ``--config-dir``, else ``./conf`` in the current directory, else the
+checkout's ``conf/`` next to the package (absent when the package is installed elsewhere).
 """
 
 from __future__ import annotations
@@ -24,12 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import default_collate
-from torchvision.utils import make_grid, save_image
 
 from pbe_lightning.data.crops import BoxFilter
 from pbe_lightning.data.datamodule import check_local_shards, device_transform, expand_urls
@@ -48,8 +49,10 @@ from pbe_lightning.data.samples import (
     usable_boxes,
 )
 from pbe_lightning.data.stream import error_message, shard_reader
+from pbe_lightning.images import batch_rows, panel_grid, save_grid
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CHECKOUT_CONF = Path(__file__).resolve().parents[2] / "conf"  # a git checkout's config tree
+CONFIG_MARKER = Path("data") / "webdataset.yaml"  # what a usable config tree holds
 COLUMNS = "source | mask (white = edit) | masked source | augmented reference"
 
 
@@ -93,9 +96,34 @@ class Reservoir:
             self.items[slot] = item
 
 
-def load_data_config(mask: str, augment: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The ``data`` config group as training composes it, with these mask/augment choices."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+def find_config_dir(config_dir: str | Path | None = None) -> Path:
+    """``config_dir`` if given, else ``./conf``, else the checkout's; each must hold the data
+    group (``data/webdataset.yaml``). Raises FileNotFoundError naming ``--config-dir``."""
+    if config_dir is not None:
+        if not (Path(config_dir) / CONFIG_MARKER).is_file():
+            raise FileNotFoundError(
+                f"--config-dir {config_dir} has no {CONFIG_MARKER}: pass the repository's conf/"
+            )
+        return Path(config_dir).resolve()
+    for candidate in (Path.cwd() / "conf", CHECKOUT_CONF):
+        if (candidate / CONFIG_MARKER).is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"no config tree (conf/{CONFIG_MARKER.as_posix()}) in the current directory or next to "
+        "the package: pass --config-dir /path/to/pbe-lightning/conf"
+    )
+
+
+def load_data_config(
+    mask: str,
+    augment: str,
+    overrides: Sequence[str] = (),
+    config_dir: str | Path | None = None,
+) -> DictConfig:
+    """The ``data`` config group as training composes it, with these mask/augment choices,
+    from the config tree ``config_dir`` (default: :func:`find_config_dir`'s search)."""
+    config_dir = find_config_dir(config_dir)
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(
             "data/webdataset",
             overrides=[f"data/mask={mask}", f"data/augment={augment}", *overrides],
@@ -193,18 +221,11 @@ def model_view(samples: list[dict], cfg: DictConfig, spec: SampleSpec, seed: int
 
 def contact_sheet(batch: dict, tile: int) -> torch.Tensor:
     """One row per sample, [0, 1]: source, hole (white), masked source, augmented reference."""
-
-    def fit(images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] == tile:
-            return images
-        return F.interpolate(images, size=(tile, tile), mode="bilinear", antialias=True)
-
     source = batch["image"] * 0.5 + 0.5
-    hole = (1 - batch["mask"]).expand(-1, 3, -1, -1)
+    hole = 1 - batch["mask"]
     masked = batch["masked_image"] * 0.5 + 0.5
-    panels = [fit(x.float().cpu()) for x in (source, hole, masked, batch["reference"])]
-    rows = torch.stack(panels, dim=1).flatten(0, 1)
-    return make_grid(rows.clamp(0, 1), nrow=4, padding=2)
+    rows = batch_rows(*(x.float().cpu() for x in (source, hole, masked, batch["reference"])))
+    return panel_grid(rows, tile, mode="bilinear", antialias=True)
 
 
 def spread(values: Sequence[float], fmt: str = "{:.3g}") -> str:
@@ -274,6 +295,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tile", type=int, default=256, help="panel size in the sheet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--config-dir", help="the config tree (default: ./conf, else the checkout's conf/)"
+    )
+    parser.add_argument(
         "--ledger", help="write every skipped record and shard here (training's ledger format)"
     )
     parser.add_argument(
@@ -304,7 +328,11 @@ def build_spec(cfg: DictConfig, args: argparse.Namespace) -> SampleSpec:
 
 def main(argv: Sequence[str] | None = None) -> Stats:
     args = parse_args(argv)
-    cfg = load_data_config(args.mask, args.augment, args.override)
+    try:
+        config_dir = find_config_dir(args.config_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
+    cfg = load_data_config(args.mask, args.augment, args.override, config_dir)
     spec = build_spec(cfg, args)
     urls = expand_urls(args.shards)
     check_local_shards(urls, "SHARDS")
@@ -319,8 +347,7 @@ def main(argv: Sequence[str] | None = None) -> Stats:
         print(f"skip ledger: {args.ledger} ({sum(stats.skips.values())} lines)")
     if args.out and samples:
         sheet = contact_sheet(model_view(samples, cfg, spec, args.seed), args.tile)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        save_image(sheet, args.out)
+        save_grid(sheet, args.out)
         print(
             f"contact sheet: {args.out} ({len(samples)} samples, mask={args.mask}, "
             f"augment={args.augment}; columns: {COLUMNS})"

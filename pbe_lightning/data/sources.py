@@ -1,22 +1,26 @@
 """Annotation sources for ``data/make_shards.py``: OpenImages CSV, COCO json, a JSONL folder.
 
 Each reader turns a source's annotations into ``Item``s (one image, its boxes and labels)
-without touching any image file; the converter reads headers and writes shards. Importing this
-module must stay cheap (no torch): converter worker processes import it.
+without touching any image file; the converter reads headers and writes shards. Readers take
+files and options as plain arguments; those that leave boxes out count them in ``dropped``
+(a ``Counter``) when given one. Importing this module must stay cheap (no torch): converter
+worker processes import it.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 
-Box = tuple[float, float, float, float]
+from pbe_lightning.data.crops import Box
+
+PathArg = str | PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,22 @@ class KeyMaker:
         return key
 
 
-def openimages_items(args: argparse.Namespace, dropped: Counter) -> Iterator[Item]:
-    """Rows grouped by ImageID (the official CSVs are sorted), streamed: 14M rows stay on disk."""
-    names = read_class_names(args.classes) if args.classes else {}
-    keys, images = KeyMaker(), Path(args.images)
-    with open(args.boxes, newline="") as f:
+def openimages_items(
+    boxes_csv: PathArg,
+    images: PathArg,
+    *,
+    classes: PathArg | None = None,
+    keep_group_boxes: bool = False,
+    dropped: Counter | None = None,
+) -> Iterator[Item]:
+    """OpenImages v6/v7 box CSV rows of ``{images}/{ImageID}.jpg``, grouped by ImageID (the
+    official CSVs are sorted), streamed: 14M rows stay on disk. ``classes``: the
+    class-descriptions CSV (display names instead of /m/ ids); IsGroupOf boxes are dropped
+    unless ``keep_group_boxes``."""
+    dropped = Counter() if dropped is None else dropped
+    names = read_class_names(classes) if classes else {}
+    keys, images = KeyMaker(), Path(images)
+    with open(boxes_csv, newline="") as f:
         rows = csv.DictReader(f)
         current, boxes, labels = None, [], []
         for row in rows:
@@ -60,7 +75,7 @@ def openimages_items(args: argparse.Namespace, dropped: Counter) -> Iterator[Ite
                 if current is not None:
                     yield openimages_item(current, boxes, labels, images, keys)
                 current, boxes, labels = row["ImageID"], [], []
-            if not args.keep_group_boxes and row.get("IsGroupOf") == "1":
+            if not keep_group_boxes and row.get("IsGroupOf") == "1":
                 dropped["group_of"] += 1
                 continue
             x0, x1, y0, y1 = (float(row[c]) for c in ("XMin", "XMax", "YMin", "YMax"))
@@ -82,14 +97,18 @@ def openimages_item(
     return Item(keys(image_id), path, tuple(boxes), tuple(labels), f"openimages:{image_id}", True)
 
 
-def read_class_names(path: str) -> dict[str, str]:
+def read_class_names(path: PathArg) -> dict[str, str]:
     """MID -> display name; v7 files' header row just adds an entry no MID matches."""
     with open(path, newline="") as f:
         return {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}
 
 
-def coco_items(args: argparse.Namespace, dropped: Counter) -> Iterator[Item]:
-    with open(args.annotations) as f:
+def coco_items(
+    annotations: PathArg, images: PathArg, *, dropped: Counter | None = None
+) -> Iterator[Item]:
+    """A COCO instances JSON's images (``file_name`` under ``images``); crowd boxes dropped."""
+    dropped = Counter() if dropped is None else dropped
+    with open(annotations) as f:
         coco = json.load(f)
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
     per_image: dict[int, list[dict]] = {}
@@ -104,20 +123,21 @@ def coco_items(args: argparse.Namespace, dropped: Counter) -> Iterator[Item]:
         boxes = tuple((x, y, x + w, y + h) for x, y, w, h in (a["bbox"] for a in anns))
         labels = tuple(names.get(a["category_id"], str(a["category_id"])) for a in anns)
         size = (image["width"], image["height"]) if "width" in image else None
-        path = str(Path(args.images) / image["file_name"])
+        path = str(Path(images) / image["file_name"])
         key = keys(Path(image["file_name"]).stem)
         yield Item(key, path, boxes, labels, f"coco:{image['id']}", annotated_size=size)
 
 
-def folder_items(args: argparse.Namespace, dropped: Counter) -> Iterator[Item]:
-    """Lines naming the same file are merged, so one-box-per-line files work too."""
-    root = Path(args.root) if args.root else Path(args.jsonl).parent
+def folder_items(jsonl: PathArg, root: PathArg | None = None) -> Iterator[Item]:
+    """JSONL lines ``{"file": ..., "boxes": [...]}``, files relative to ``root`` (default: the
+    JSONL's folder). Lines naming the same file are merged, so one-box-per-line files work too."""
+    root = Path(root) if root else Path(jsonl).parent
     merged: dict[str, dict] = {}
-    with open(args.jsonl) as f:
+    with open(jsonl) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            entry = folder_line(line, f"{args.jsonl}:{number}")
+            entry = folder_line(line, f"{jsonl}:{number}")
             old = merged.setdefault(entry["file"], {**entry, "boxes": [], "labels": []})
             old["boxes"] += entry["boxes"]
             # Labels survive only if every line of the file has them, or they would misalign.
@@ -151,6 +171,3 @@ def folder_line(line: str, where: str) -> dict:
 def is_box(box: object) -> bool:
     numbers = isinstance(box, list) and all(isinstance(v, (int, float)) for v in box)
     return numbers and len(box) == 4 and not any(isinstance(v, bool) for v in box)
-
-
-SOURCES = {"openimages": openimages_items, "coco": coco_items, "folder": folder_items}

@@ -12,13 +12,11 @@ import os
 from pathlib import Path
 
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from pbe_lightning.demo.cache import generate_once
 from pbe_lightning.models.backbone import Backbone, load_backbone
 from pbe_lightning.models.encoder import Bottleneck, ExemplarEncoder, build_exemplar_encoder
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 TINY_UNET = dict(
     sample_size=8,
@@ -67,7 +65,7 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> None:
     size = TINY_CLIP["vision_cfg"]["image_size"]
     config = {
         "model_cfg": TINY_CLIP,
-        "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD, "size": size},
+        "preprocess_cfg": {"mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "size": size},
     }
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=1))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

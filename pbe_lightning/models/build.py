@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pbe_lightning.models.init_from import init_source, init_weights
 from pbe_lightning.models.module import PaintByExampleModule
 from pbe_lightning.utils.instantiators import instantiate
 
@@ -14,14 +18,10 @@ def build_model(cfg: DictConfig) -> PaintByExampleModule:
     """``cfg`` is the ``model`` node. The encoder's output width follows the UNet it feeds.
 
     ``cfg.init_from`` (experiment=finetune) then replaces every weight, frozen ones included,
-    with a trained Paint-by-Example model's (``models/pretrained.py``); the configs still
+    with a trained Paint-by-Example model's (``models/init_from.py``); the configs still
     define the architecture.
     """
-    import warnings
-
-    from pbe_lightning.models import pretrained
-
-    init_from = pretrained.init_source(cfg)
+    init_from = init_source(cfg)
     with warnings.catch_warnings():
         if init_from:
             # The init weights replace this UNet, so its channel order is not a concern.
@@ -39,7 +39,7 @@ def build_model(cfg: DictConfig) -> PaintByExampleModule:
         **options,
     )
     if init_from:
-        pretrained.init_weights(module, init_from)
+        init_weights(module, init_from)
     return module
 
 
@@ -49,8 +49,6 @@ def load_trained(checkpoint_path: str, map_location: str = "cpu") -> PaintByExam
     The checkpoint carries the resolved model config; frozen parts are rebuilt from the
     weight files it names, trainable ones come from the checkpoint.
     """
-    import torch
-
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
     config = checkpoint.get("pbe_model_config")
     if config is None:

@@ -133,6 +133,12 @@ def load_clip_vision(arch: str, checkpoint: str | None) -> tuple[nn.Module, dict
     return visual, preprocess
 
 
+def clip_image_size(visual: nn.Module) -> int:
+    """The square input side of an open_clip vision tower (``image_size`` is an int or a pair)."""
+    size = visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
 def build_exemplar_encoder(
     arch: str,
     context_dim: int,
@@ -143,13 +149,11 @@ def build_exemplar_encoder(
     """Factory used by the config (``model/encoder``); ``context_dim`` comes from the UNet."""
     visual, preprocess = load_clip_vision(arch, checkpoint)
     width = visual.transformer.width
-    size = visual.image_size
-    image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
     return ExemplarEncoder(
         visual,
         width,
         context_dim,
-        image_size,
+        clip_image_size(visual),
         tuple(preprocess["mean"]),
         tuple(preprocess["std"]),
         bottleneck,

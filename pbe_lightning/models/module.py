@@ -124,9 +124,14 @@ class PaintByExampleModule(L.LightningModule):
         drop = torch.rand(shape, generator=generator, device=self.device) < self.cfg_dropout
         return drop.expand(batch_size)
 
-    def condition(self, reference: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    def contexts(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention context of the exemplars and the learned unconditional one."""
         context = self.encoder(reference)
         uncond = self.encoder.unconditional(context.shape[0], context.shape[1]).to(context.dtype)
+        return context, uncond
+
+    def condition(self, reference: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        context, uncond = self.contexts(reference)
         return torch.where(drop[:, None, None], uncond, context)
 
     def encode_pair(
@@ -243,9 +248,7 @@ class PaintByExampleModule(L.LightningModule):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Edited images in [-1, 1] for a batch in the data contract."""
-        reference = batch["reference"]
-        context = self.encoder(reference)
-        uncond = self.encoder.unconditional(context.shape[0], context.shape[1]).to(context.dtype)
+        context, uncond = self.contexts(batch["reference"])
         return paint(
             self.unet,
             self.vae,

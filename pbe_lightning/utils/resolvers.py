@@ -1,4 +1,5 @@
-"""OmegaConf resolvers: cluster topology read from the launcher's environment.
+"""OmegaConf resolvers: cluster topology read from the launcher's environment; W&B names, tags
+and groups read from Hydra (the overrides, the experiment and ablation chosen).
 
 ``trainer=multinode`` must agree with what torchrun or SLURM actually started; reading the
 numbers from their environment means one config serves every job size.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 
 def launcher_nodes(default: int = 1) -> int:
@@ -37,16 +38,22 @@ def _hydra_config():
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
-def experiment_names() -> list[str]:
-    """The selected experiment config(s), e.g. ["ablate_mask", "demo"]: W&B tags."""
+def selection() -> list[str]:
+    """What this run is: the experiment (recipe) and, when set, the ablation (sweep grid),
+    e.g. ``["paper", "ablation=mask"]``; empty outside Hydra."""
     hydra = _hydra_config()
     if hydra is None:
         return []
-    choice = hydra.runtime.choices.get("experiment")
-    if not choice:  # a list selection (experiment=[a,b]) is only in the overrides
-        given = [o for o in hydra.overrides.task if o.startswith("experiment=")]
-        choice = given[-1].partition("=")[2] if given else ""
-    return [name.strip() for name in str(choice).strip("[]").split(",") if name.strip()]
+    experiment = hydra.runtime.choices.get("experiment")
+    ablation = hydra.runtime.choices.get("ablation")
+    names = [str(experiment)] if experiment else []
+    return names + [f"ablation={ablation}"] if ablation else names
+
+
+def run_tags() -> ListConfig:
+    """W&B tags: :func:`selection`. A config list, not a Python one: ``OmegaConf.resolve``
+    (``train.py --cfg job --resolve``) cannot store a plain list in a node."""
+    return OmegaConf.create(selection())
 
 
 def run_name() -> str | None:
@@ -56,11 +63,12 @@ def run_name() -> str | None:
 
 
 def sweep_group() -> str | None:
-    """All runs of one multirun share a W&B group: experiment(s) + sweep folder."""
+    """All runs of one multirun share a W&B group: experiment + ablation + sweep folder,
+    e.g. ``paper+ablation=mask/2025-01-31_12-00-00``."""
     hydra = _hydra_config()
     if hydra is None or str(hydra.mode) != "RunMode.MULTIRUN":
         return None
-    return "+".join(experiment_names() or ["sweep"]) + "/" + os.path.basename(hydra.sweep.dir)
+    return "+".join(selection() or ["sweep"]) + "/" + os.path.basename(hydra.sweep.dir)
 
 
 def run_id() -> str | None:
@@ -90,7 +98,7 @@ def register() -> None:
     for name, function in {
         "pbe.nodes": launcher_nodes,
         "pbe.devices": launcher_devices,
-        "pbe.experiments": experiment_names,
+        "pbe.tags": run_tags,
         "pbe.run_name": run_name,
         "pbe.sweep_group": sweep_group,
         "pbe.run_stamp": run_stamp,

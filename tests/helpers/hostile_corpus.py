@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 Colour = tuple[int, int, int]
 SIZE = (192, 128)  # displayed width, height
@@ -125,7 +125,7 @@ def png16(array: np.ndarray, colour_type: int) -> bytes:
 
 def exif(orientation: int) -> bytes:
     tags = Image.Exif()
-    tags[0x0112] = orientation
+    tags[ExifTags.Base.Orientation] = orientation
     return tags.tobytes()
 
 

@@ -1,9 +1,11 @@
-"""Diffusers -> original CompVis/LDM key layout for Stable Diffusion v1 UNet and VAE weights.
+"""diffusers <-> original CompVis/LDM key layout for Stable Diffusion v1 UNet and VAE weights.
 
-Inverse of diffusers' ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint``: we train
-with diffusers modules but ship single-file checkpoints that LDM-style tooling loads directly.
-Tensors are passed through untouched (only VAE attention weights get a reshaped view), so a
-round trip through diffusers' forward converters is bit-identical.
+LDM -> diffusers is diffusers' own ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint``
+(:func:`unet_from_ldm`, :func:`vae_from_ldm`); :func:`unet_to_ldm` / :func:`vae_to_ldm` are their
+inverse: we train with diffusers modules but ship single-file checkpoints that LDM-style tooling
+(the official Paint-by-Example repository among them) loads directly. Tensors are passed
+through untouched (only VAE attention weights get a reshaped view), so a round trip through
+diffusers' forward converters is bit-identical.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import re
 from collections.abc import Mapping
 
 import torch
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -148,3 +154,20 @@ def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[
             tensor = tensor[:, :, None, None]
         _checked_put(out, VAE_PREFIX + new_key, tensor)
     return out
+
+
+def unet_from_ldm(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping
+) -> dict[str, torch.Tensor]:
+    """``model.diffusion_model.*`` LDM keys (other keys ignored) -> diffusers UNet names.
+
+    ``config`` is the ``UNet2DConditionModel`` config the weights are meant for.
+    """
+    return convert_ldm_unet_checkpoint(state_dict, dict(config))
+
+
+def vae_from_ldm(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping
+) -> dict[str, torch.Tensor]:
+    """``first_stage_model.*`` LDM keys (other keys ignored) -> diffusers VAE names."""
+    return convert_ldm_vae_checkpoint(state_dict, dict(config))

@@ -1,0 +1,138 @@
+"""``model.init_from`` (experiment=finetune): start training from trained Paint-by-Example weights.
+
+Two sources, both read into the module's own state-dict names by ``pbe_lightning.convert``:
+
+- the official release's single file (``model.ckpt`` of Fantasy-Studio/Paint-by-Example, the
+  same tensors as ``.safetensors``, or ``python -m pbe_lightning.export --format official``),
+  in its LDM layout (``convert.official``);
+- a diffusers ``PaintByExamplePipeline`` folder (``python -m pbe_lightning.export`` writes one;
+  ``convert.pipeline``).
+
+The architecture still comes from ``model.backbone`` and ``model.encoder``: for the official
+weights that is SD 1.x (the packaged default ``model.backbone.config``) and
+``model.encoder.arch=ViT-L-14-quickgelu`` with ``mapper_depth=5``. Every tensor of the built
+module is then replaced, the frozen VAE and CLIP tower included.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pbe_lightning.convert.keys import Tensors
+from pbe_lightning.convert.official import from_official_layout, missing_parts
+from pbe_lightning.convert.pipeline import PIPELINE_PARTS, from_pipeline, load_pipeline
+from pbe_lightning.models.backbone import SINGLE_FILE_SUFFIXES, read_state_dict
+from pbe_lightning.models.module import PaintByExampleModule
+
+FIX = (
+    "pass model.init_from=<official Paint-by-Example .ckpt/.safetensors, or a "
+    "PaintByExamplePipeline folder>"
+)
+
+
+def init_source(cfg: DictConfig) -> str | None:
+    """``model.init_from``, checked before anything loads; experiment=finetune requires it.
+
+    Checked here because experiment=finetune also builds the backbone from it, whose own
+    error would point at model.backbone.path instead.
+    """
+    if OmegaConf.is_missing(cfg, "init_from"):
+        raise ValueError(f"experiment=finetune needs the weights to start from: {FIX}")
+    path = cfg.get("init_from")
+    if path and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"no weights at {path} (model.init_from): {FIX}")
+    return path
+
+
+def init_weights(module: PaintByExampleModule, path: str | Path) -> None:
+    """Overwrite every weight of ``module`` with those at ``path``, checked key by key first."""
+    state = load_init_weights(path, module)
+    check_fits(module, state, path)
+    module.load_state_dict(state)
+
+
+def load_init_weights(path: str | Path, module: PaintByExampleModule) -> Tensors:
+    """The weights at ``path`` under ``module``'s state-dict names.
+
+    ``module`` supplies the architecture the conversions need: the UNet / VAE configs for the
+    LDM layout and the open_clip tower whose names the transformers CLIP weights map back to.
+    """
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"no weights at {source} (model.init_from): {FIX}")
+    if source.is_dir():
+        return _from_pipeline_folder(source, module)
+    if source.suffix in SINGLE_FILE_SUFFIXES:
+        return _from_official_file(source, module)
+    raise ValueError(
+        f"{source} (model.init_from) is neither a folder nor a {SINGLE_FILE_SUFFIXES} file: {FIX}"
+    )
+
+
+def check_fits(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Strict key and shape check, with every problem named (load_state_dict stops at the first)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"the weights at {source} (model.init_from) do not fit the model built from "
+            f"model.backbone and model.encoder: {len(missing)} missing {missing[:10]}, "
+            f"{len(unexpected)} unexpected {unexpected[:10]}, {len(reshaped)} of another shape "
+            f"{reshaped[:10]}. The architecture comes from those configs: set model.backbone"
+            ".config (single files) and model.encoder.arch / mapper_depth to match the weights"
+        )
+
+
+def _from_official_file(file: Path, module: PaintByExampleModule) -> Tensors:
+    state = _read(file)
+    absent = missing_parts(state)
+    if absent:
+        raise ValueError(
+            f"{file} (model.init_from) has no {absent} keys, so it is not an "
+            f"official Paint-by-Example checkpoint (Stable Diffusion weights go to "
+            f"model.backbone.path instead): {FIX}"
+        )
+    return from_official_layout(
+        state,
+        unet_config=module.unet.config,
+        vae_config=module.vae.config,
+        vision=module.encoder.vision,
+        source=f"{file} (model.init_from)",
+    )
+
+
+def _read(file: Path) -> Tensors:
+    try:
+        return read_state_dict(file)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{file} (model.init_from) holds pickled objects besides tensors, which are not "
+            "loaded (torch.load weights_only=True): re-save its 'state_dict' as .safetensors "
+            f"where you trust the file ({str(error).splitlines()[0]})"
+        ) from None
+
+
+def _from_pipeline_folder(folder: Path, module: PaintByExampleModule) -> Tensors:
+    absent = [p for p in PIPELINE_PARTS if not (folder / p).exists()]
+    if absent:
+        raise FileNotFoundError(
+            f"{folder} (model.init_from) lacks {absent}, so it is not a PaintByExamplePipeline "
+            f"folder (Stable Diffusion folders go to model.backbone.path instead): {FIX}"
+        )
+    # Stock loaders: they read every format diffusers wrote over the years (bin, safetensors,
+    # older attention names) into today's names, which are our module's.
+    return from_pipeline(
+        load_pipeline(folder), module.encoder.vision, source=f"{folder} (model.init_from)"
+    )

@@ -50,6 +50,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from hydra.utils import instantiate
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
@@ -70,8 +71,6 @@ from pbe_lightning.data.shard_report import load_data_config
 
 DATA_VERSION = 1
 PER_SHARD = 100
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 Sample = Callable[[dict, random.Random], dict]
 
 
@@ -207,7 +206,7 @@ class ReferencePipeline:
         tensor = TF.to_dtype(TF.pil_to_tensor(reference), torch.float32, scale=True)
         if rng.random() < 0.3:
             tensor = self.elastic(tensor)
-        return TF.normalize(tensor, CLIP_MEAN, CLIP_STD)
+        return TF.normalize(tensor, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
 
 
 def bezier_polygon(box, outer, rng: random.Random, points: int = 18) -> list[tuple]:

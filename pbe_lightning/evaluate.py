@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from pbe_lightning.images import (
@@ -191,8 +192,6 @@ def inception_fid(weights: str | None) -> torch.nn.Module | None:
             "inception_weights needs torch-fidelity for the Inception network: "
             "`pip install torch-fidelity` (weights still come from your file), or drop the option"
         )
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     return FrechetInceptionDistance(
         feature=2048, normalize=True, feature_extractor_weights_path=str(weights)
     )

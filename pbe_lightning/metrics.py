@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from pbe_lightning.images import PixelBox, centre_square, image_files, read_image, resize
 from pbe_lightning.models.encoder import clip_image_size, load_clip_vision
@@ -105,8 +106,6 @@ def clip_fid(
 
 def clip_fid_metric(clip: ClipFeatures, **kwargs: object) -> nn.Module:
     """torchmetrics' FID with CLIP features; ``update(images, real=...)`` takes float [0, 1]."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     # normalize=True: images reach ``clip`` as floats in [0, 1], untouched.
     return FrechetInceptionDistance(feature=clip, normalize=True, **kwargs)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -14,7 +12,6 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import load_file, save_file
 
 from pbe_lightning.convert.ldm import unet_to_ldm, vae_to_ldm
-from tests.helpers.config import REPO
 
 UNET_CONFIGS = {
     "two_levels": {
@@ -220,23 +217,3 @@ def test_unknown_keys_raise():
         vae_to_ldm({"encoder.mystery.weight": torch.zeros(1)}, {"up_block_types": ["x"]})
     with pytest.raises(TypeError):
         unet_to_ldm({}, {"layers_per_block": (1, 2)})
-
-
-def test_convert_layer_imports_no_module_builder_or_entry_point():
-    """The rule that keeps pbe_lightning.convert import-circle free (see its __init__)."""
-    forbidden = ("models.module", "models.build", "export", "train", "edit", "evaluate")
-    forbidden = [f"pbe_lightning.{name}" for name in forbidden]
-    for path in sorted((REPO / "pbe_lightning" / "convert").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: from . (convert) or from .. (pbe_lightning)
-                    package = "pbe_lightning.convert" if node.level == 1 else "pbe_lightning"
-                    base = f"{package}.{base}".rstrip(".")
-                names = [base, *(f"{base}.{a.name}" for a in node.names)]
-            else:
-                continue
-            bad = [n for n in names for f in forbidden if n == f or n.startswith(f + ".")]
-            assert not bad, f"{path.name} imports {bad}"

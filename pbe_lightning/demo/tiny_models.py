@@ -11,8 +11,11 @@ import json
 import os
 from pathlib import Path
 
+import open_clip
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from safetensors.torch import save_file
 
 from pbe_lightning.demo.cache import generate_once
 from pbe_lightning.models.backbone import Backbone, load_backbone
@@ -49,17 +52,12 @@ TINY_CLIP = {
 
 
 def write_tiny_sd(folder: Path, seed: int = 0) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     torch.manual_seed(seed)
     UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
     AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
 
 
 def write_tiny_clip(folder: Path, seed: int = 0) -> None:
-    import open_clip
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     model = open_clip.CLIP(**TINY_CLIP)
     size = TINY_CLIP["vision_cfg"]["image_size"]

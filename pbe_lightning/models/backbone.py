@@ -19,6 +19,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
+from safetensors.torch import load_file
 from torch import nn
 
 PAINT_BY_EXAMPLE_CHANNELS = 9  # noisy latent 4 | masked-image latent 4 | mask 1
@@ -69,8 +70,6 @@ def _from_diffusers_folder(folder: Path, fix: str) -> tuple[AutoencoderKL, UNet2
 def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors; ``.ckpt`` is read with ``weights_only`` so nothing is unpickled."""
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(file))
     checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     return checkpoint.get("state_dict", checkpoint)

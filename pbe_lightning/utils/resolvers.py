@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import ListConfig, OmegaConf
 
 
@@ -33,8 +34,6 @@ def launcher_devices(default: int | str = "auto") -> int | str:
 
 
 def _hydra_config():
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 

@@ -16,8 +16,12 @@ from pbe_lightning.utils.overrides import quote_brace_patterns
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from pbe_lightning.train import train  # after SHUTDOWN.install(): torch loads for seconds
+    from pbe_lightning.utils.config_checks import ConfigError
 
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as error:  # one line naming the key and the fix, not a traceback
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -25,7 +25,11 @@ from pbe_lightning.models.samplers import SAMPLERS
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pbe_lightning.edit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m pbe_lightning.edit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the usage lines as written
+    )
     parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint from train.py")
     parser.add_argument("--image", required=True, help="the photo to edit")
     parser.add_argument("--mask", required=True, help="white = edit, the photo's size")

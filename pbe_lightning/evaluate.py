@@ -4,7 +4,9 @@
         clip.arch=ViT-B-32-quickgelu clip.checkpoint=/weights/clip_b32.bin qs_model=qs.npz
 
 Writes into Hydra's run dir: ``edits/<id>.png`` (each edit at its source's size), ``metrics.json``,
-``grid.png`` (source | mask | reference | edit) and, with ``logger=wandb``, a W&B table.
+``grid.png`` (source | mask | reference | edit) and, with ``logger=wandb``, a W&B table, in a
+run that joins the checkpoint's training run (its project and group, ``job_type=eval``, named
+``eval/<run>@step-N``, metrics at the checkpoint's global step; ``utils/loggers.py``).
 
 Resuming: run again with ``hydra.run.dir=<that dir>``. An item whose ``edits/<id>.png`` exists is
 not painted again (files are written atomically, so an existing one is complete).
@@ -38,7 +40,6 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from pbe_lightning.images import (
-    centre_square,
     composite,
     image_files,
     mask_bounding_box,
@@ -51,23 +52,23 @@ from pbe_lightning.images import (
 )
 from pbe_lightning.inference import load_editor, make_batch, pick_device
 from pbe_lightning.metrics import (
+    FIT_QS,
     ClipFeatures,
+    EditScores,
     GaussianMixture,
-    clip_fid_metric,
-    load_quality_model,
-    quality_score,
-    region_clip_score,
+    load_quality_model_for,
 )
 from pbe_lightning.models.module import PaintByExampleModule
 from pbe_lightning.models.samplers import SAMPLERS
 from pbe_lightning.utils.instantiators import instantiate_each
-from pbe_lightning.utils.loggers import finish_loggers
+from pbe_lightning.utils.loggers import (
+    TrainingRun,
+    finish_loggers,
+    join_training_run,
+    use_checkpoint_artifact,
+)
 
 log = logging.getLogger(__name__)
-FIT_QS = (
-    "python -m pbe_lightning.metrics fit-qs --real DIR --clip ARCH [--checkpoint F] --out qs.npz"
-)
-INCEPTION_SIZE = 299
 METRICS = ("fid_clip", "qs", "clip_score", "fid_inception")
 SKIPPED = {"qs": f"no qs_model; fit one with `{FIT_QS}`", "fid_inception": "no inception_weights"}
 TABLE_COLUMNS = ("id", "category", "source", "mask", "reference", "edit", "clip_score")
@@ -173,12 +174,7 @@ def load_qs_model(path: str | None, clip_arch: str) -> GaussianMixture | None:
     if not path:
         log.warning("qs_model is not set: QS is skipped. Fit one with `%s`", FIT_QS)
         return None
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"qs_model={path}: no such file; fit one with `{FIT_QS}`")
-    model = load_quality_model(path)
-    if model.clip and model.clip != clip_arch:  # other features: the score would mean nothing
-        raise ValueError(f"qs_model {path} was fitted with --clip {model.clip}, not {clip_arch}")
-    return model
+    return load_quality_model_for(path, clip_arch, "qs_model")
 
 
 def inception_fid(weights: str | None) -> torch.nn.Module | None:
@@ -197,40 +193,19 @@ def inception_fid(weights: str | None) -> torch.nn.Module | None:
     )
 
 
-def update_fids(
-    fids: dict, images: list[torch.Tensor], clip: ClipFeatures, real: bool
-) -> torch.Tensor:
-    """Feed one batch of any-size images to every FID; returns CLIP's input (for QS)."""
-    clip_input = torch.cat([clip.prepare(image) for image in images])
-    fids["fid_clip"].update(clip_input, real=real)
-    if "fid_inception" in fids:
-        square = torch.cat([centre_square(image, INCEPTION_SIZE) for image in images])
-        fids["fid_inception"].update(square.to(clip_input.device), real=real)
-    return clip_input
-
-
-@torch.no_grad()
 def score(
-    items: list[Item], folder: Path, cfg: DictConfig, clip: ClipFeatures, fids: dict, qs_model
+    items: list[Item], folder: Path, cfg: DictConfig, scores: EditScores
 ) -> tuple[dict, list[float], int]:
-    """Metric values, per-item region CLIP scores, and the number of real images."""
+    """Metric values, per-item region CLIP scores, and the number of real images: the saved
+    edits read back and scored by ``metrics.EditScores`` (training's EditMetrics uses it too)."""
     real_files = image_files(cfg.real_images)
     for start in range(0, len(real_files), cfg.batch_size):
-        batch = [read_image(f) for f in real_files[start : start + cfg.batch_size]]
-        update_fids(fids, batch, clip, real=True)
-    features, clip_scores = [], []
+        scores.add_real([read_image(f) for f in real_files[start : start + cfg.batch_size]])
     for chunk in tqdm(chunks(items, cfg.batch_size), desc="scoring", unit="batch"):
         edits = [read_image(edit_path(folder, item)) for item in chunk]
-        features.append(clip.embed(update_fids(fids, edits, clip, real=False)).cpu())
-        for item, edit in zip(chunk, edits):
-            box = mask_bounding_box(read_user_mask(item.mask)[0])
-            reference = read_image(item.reference)
-            clip_scores.append(region_clip_score([edit[0]], [box], [reference[0]], clip))
-    values = {name: float(metric.compute()) for name, metric in fids.items()}
-    if qs_model is not None:
-        values["qs"] = quality_score(torch.cat(features), qs_model)
-    values["clip_score"] = sum(clip_scores) / len(clip_scores)
-    return values, clip_scores, len(real_files)
+        boxes = [mask_bounding_box(read_user_mask(item.mask)[0]) for item in chunk]
+        scores.add_edits(edits, boxes, [read_image(item.reference) for item in chunk])
+    return scores.compute(), scores.clip_scores, len(real_files)
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -240,21 +215,29 @@ def write_grid(items: list[Item], folder: Path, path: Path, cell: int = 256) -> 
     for item in items:
         source, mask, reference = load_item(item)
         rows.append([source, mask, reference, read_image(edit_path(folder, item))])
-    save_grid(panel_grid(rows, cell), path)
+    save_grid(panel_grid(rows, cell, labels=("source", "mask", "reference", "edit")), path)
 
 
-def log_results(loggers: list[Logger], report: dict, table: list[list], grid: Path) -> None:
-    """The metrics to every logger; W&B also gets the per-item table and the grid."""
+def log_results(
+    loggers: list[Logger], report: dict, table: list[list], grid: Path, run: TrainingRun
+) -> None:
+    """The metrics to every logger at the checkpoint's global step; W&B also gets the
+    per-item table and the grid, and uses the checkpoint's artifact when it can (online,
+    and the training run logged one; the config's ``checkpoint`` names it either way)."""
     metrics = {f"eval/{k}": v for k, v in report["metrics"].items() if v is not None}
+    step = run.global_step
     for logger in loggers:
-        logger.log_hyperparams(report["config"])
-        logger.log_metrics(metrics)
+        checkpoint = run.describe()
+        if isinstance(logger, WandbLogger):
+            checkpoint["artifact_used"] = use_checkpoint_artifact(logger.experiment, run)
+        logger.log_hyperparams(report["config"] | {"checkpoint": checkpoint})
+        logger.log_metrics(metrics, step=step)
         if isinstance(logger, WandbLogger):
             import wandb
 
             rows = [[*row[:2], *(wandb.Image(str(p)) for p in row[2:6]), row[6]] for row in table]
-            logger.log_table("eval/items", columns=list(TABLE_COLUMNS), data=rows)
-            logger.log_image("eval/grid", [str(grid)])
+            logger.log_table("eval/items", columns=list(TABLE_COLUMNS), data=rows, step=step)
+            logger.log_image("eval/grid", [str(grid)], step=step)
         logger.finalize("success")
     finish_loggers(loggers)  # flush W&B runs before evaluate returns
 
@@ -296,9 +279,8 @@ def evaluate(cfg: DictConfig) -> dict:
     image_files(cfg.real_images)
     clip = load_metric_clip(cfg, device)
     qs_model = load_qs_model(cfg.qs_model, cfg.clip.arch)
-    fids = {"fid_clip": clip_fid_metric(clip).to(device)}
-    if (inception := inception_fid(cfg.inception_weights)) is not None:
-        fids["fid_inception"] = inception.to(device)
+    scores = EditScores(clip, qs_model, inception_fid(cfg.inception_weights))
+    run = join_training_run(cfg, "eval")  # W&B: the training run's group, eval/<run>@step-N
     loggers = instantiate_each(cfg.get("logger"))
     module, resolution = load_editor(cfg.ckpt_path, device, cfg.resolution)
     folder = out / "edits"
@@ -308,7 +290,7 @@ def evaluate(cfg: DictConfig) -> dict:
     painted = generate(module, items, folder, cfg, resolution)
     del module  # its memory is the metrics' now
     painted_at = time.perf_counter()
-    values, clip_scores, real_count = score(items, folder, cfg, clip, fids, qs_model)
+    values, clip_scores, real_count = score(items, folder, cfg, scores)
     counts = {"items": len(items), "painted_this_run": painted, "real_images": real_count}
     seconds = {"painting": painted_at - started, "scoring": time.perf_counter() - painted_at}
     report = make_report(cfg, values, counts, seconds, resolution)
@@ -318,6 +300,6 @@ def evaluate(cfg: DictConfig) -> dict:
         [item.id, item.category, item.source, item.mask, item.reference, edit_path(folder, item), s]
         for item, s in zip(items[: cfg.table_rows], clip_scores)
     ]
-    log_results(loggers, report, table, out / "grid.png")
+    log_results(loggers, report, table, out / "grid.png", run)
     log.info("metrics %s -> %s", report["metrics"], out / "metrics.json")
     return report

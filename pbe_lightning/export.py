@@ -12,9 +12,14 @@
 
 ``--ema`` exports the EMA weights a run trained with ``callbacks=ema`` stored in its checkpoint.
 
+``--wandb-artifact [NAME]`` then logs the export as a W&B artifact of type ``model`` (default
+name ``pipeline-<training run id>`` or ``official-<training run id>``, ``-ema`` added; aliases
+``latest``, ``step-N``) from a run with ``job_type=export`` in the training run's group
+(``utils/loggers.py``: ``log_export_artifact``); offline when the training run was.
+
     python -m pbe_lightning.export --ckpt run/checkpoints/last.ckpt --out exported [--ema]
     python -m pbe_lightning.export --ckpt run/checkpoints/last.ckpt --format official \\
-        --out model.safetensors [--ema]
+        --out model.safetensors [--ema] [--wandb-artifact]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pbe_lightning.convert.official import to_official_layout
 from pbe_lightning.convert.pipeline import build_pipeline, save_pipeline
 from pbe_lightning.models.build import load_trained
 from pbe_lightning.models.module import PaintByExampleModule
+from pbe_lightning.utils.loggers import log_export_artifact
 
 FORMATS = ("diffusers", "official")
 OFFICIAL_SUFFIXES = (".safetensors", ".ckpt")
@@ -167,6 +173,16 @@ def main(argv: list[str] | None = None) -> None:
         "release's single-file LDM layout, which experiment=finetune model.init_from=FILE reads",
     )
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (pbe_ema)")
+    parser.add_argument(
+        "--wandb-artifact",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="also log the export as a W&B artifact of type model (default NAME: pipeline-<run "
+        "id> or official-<run id>) from a job_type=export run in the training run's group; "
+        "offline when the training run was or WANDB_MODE=offline",
+    )
     args = parser.parse_args(argv)
     if not Path(args.ckpt).is_file():
         parser.error(f"no checkpoint at {args.ckpt}")
@@ -183,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     out = export_checkpoint(args.ckpt, args.out, args.ema, args.format)
     print(f"exported {args.ckpt} -> {out} ({args.format})")
+    if args.wandb_artifact is not None:
+        name, run = log_export_artifact(
+            out, args.ckpt, args.format, args.ema, args.wandb_artifact or None
+        )
+        print(f"logged W&B artifact {name} from the run in {run}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from torchvision import utils as tv_utils
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+LABEL_HEIGHT = 14  # px above a grid's panels for the column names
 PixelBox = tuple[int, int, int, int]  # x0, y0, x1, y1 in whole pixels, end exclusive
 
 
@@ -117,13 +118,15 @@ def panel_grid(
     mode: str = "bicubic",
     antialias: bool = True,
     padding: int = 2,
+    labels: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """One row per sample, one column per panel: ``(3, H', W')`` on the CPU, in [0, 1].
 
     A panel is ``(C, H, W)`` or ``(1, C, H, W)``, C = 3 or 1 (a mask: shown grey); ``size``
     (an int: square) is the panel size, panels of another size are resized with ``mode``
     (``antialias`` as ``F.interpolate`` takes it); without it, all panels must share one size.
-    Panels are laid out ``padding`` px apart on black, every row as long as the first.
+    Panels are laid out ``padding`` px apart on black, every row as long as the first;
+    ``labels`` (one per column) are written above them, so a saved PNG explains itself.
     """
     if not rows:
         raise ValueError("a grid needs at least one row")
@@ -139,7 +142,26 @@ def panel_grid(
                 panel = F.interpolate(panel, size, mode=mode, antialias=antialias)
             tiles.append(panel.cpu().expand(-1, 3, -1, -1)[0])
     grid = torch.stack(tiles).clamp(0, 1)
-    return tv_utils.make_grid(grid, nrow=len(rows[0]), padding=padding)
+    grid = tv_utils.make_grid(grid, nrow=len(rows[0]), padding=padding)
+    if labels is None:
+        return grid
+    if len(labels) != len(rows[0]):
+        raise ValueError(f"{len(labels)} labels for {len(rows[0])} columns")
+    return torch.cat([column_labels(labels, tiles[0].shape[-1], padding), grid], dim=1)
+
+
+def column_labels(labels: Sequence[str], width: int, padding: int) -> torch.Tensor:
+    """A ``(3, LABEL_HEIGHT, W)`` strip naming each column of a grid of ``width``-px panels:
+    white text on black, centred, cut to fit (PIL's built-in font: no font file needed)."""
+    step = width + padding
+    strip = Image.new("RGB", (padding + step * len(labels), LABEL_HEIGHT))
+    draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
+    for column, label in enumerate(labels):
+        while label and draw.textlength(label, font=font) > width:
+            label = label[:-1]
+        left = padding + column * step + (width - draw.textlength(label, font=font)) / 2
+        draw.text((left, 2), label, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255
 
 
 def batch_rows(*columns: torch.Tensor) -> list[list[torch.Tensor]]:

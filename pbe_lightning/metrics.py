@@ -7,6 +7,9 @@ the checkpoint file: plain ``ViT-B-32`` loads it silently with the wrong activat
 QS = mean over images of the percentile of an image's mixture log-likelihood among held-out real
 images' log-likelihoods, x 100: real-like sets score ~50, off-distribution ones towards 0. The
 scale is ours: do not compare it with the paper's QS numbers.
+
+``EditScores`` is the one scoring path: evaluate.py feeds it a benchmark's edits, the
+``EditMetrics`` training callback the validation preview's.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from pbe_lightning.images import PixelBox, centre_square, image_files, read_image, resize
 from pbe_lightning.models.encoder import clip_image_size, load_clip_vision
+
+FIT_QS = (
+    "python -m pbe_lightning.metrics fit-qs --real DIR --clip ARCH [--checkpoint F] --out qs.npz"
+)
+INCEPTION_SIZE = 299
 
 
 class ClipFeatures(nn.Module):
@@ -239,12 +247,17 @@ def fit_quality_model(
     """
     x = _float64(features).numpy()
     order = np.random.default_rng(seed).permutation(len(x))
-    held = int(round(holdout * len(x)))
+    held = holdout_size(len(x), holdout)
     # holdout=0 falls back to the fit set itself (optimistic, but usable on tiny sets).
     fit_rows, held_rows = order[held:], order[:held] if held else order
     model = fit_gmm(x[fit_rows], k, seed, **gmm_options)  # type: ignore[arg-type]
     model.reference = np.sort(model.log_likelihood(x[held_rows]))
     return model
+
+
+def holdout_size(count: int, holdout: float) -> int:
+    """How many of ``count`` real features ``fit_quality_model`` holds out (the rest fit)."""
+    return int(round(holdout * count))
 
 
 def quality_score(features: torch.Tensor | np.ndarray, model: GaussianMixture) -> float:
@@ -266,6 +279,19 @@ def load_quality_model(path: str | Path) -> GaussianMixture:
         meta = json.loads(str(data["meta"]))
         names = ("weights", "means", "covariances", "reference", "history")
         return GaussianMixture(*(data[n] for n in names), clip=meta["clip"])
+
+
+def load_quality_model_for(
+    path: str | Path, clip_arch: str, option: str = "qs_model"
+) -> GaussianMixture:
+    """The mixture in ``path``, refused unless it was fitted on ``clip_arch``'s features (other
+    features would make the score meaningless); ``option`` names the setting in errors."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option}={path}: no such file; fit one with `{FIT_QS}`")
+    model = load_quality_model(path)
+    if model.clip and model.clip != clip_arch:
+        raise ValueError(f"{option} {path} was fitted with --clip {model.clip}, not {clip_arch}")
+    return model
 
 
 # --- region CLIP score ---------------------------------------------------------------------
@@ -290,10 +316,101 @@ def region_clip_score(
     return float(similarity.mean() * 100)
 
 
+# --- all of them over a set of edits ---------------------------------------------------------
+
+
+class EditScores:
+    """CLIP-FID against real images, region CLIP score and (with a mixture) QS of a set of
+    edits, fed in batches of any-size ``(1, 3, H, W)`` images in [0, 1]; ``compute()`` -> the
+    metric dict. ``inception``: an optional second FID (Inception features, 299 px squares);
+    ``fid=False``: no FID at all (it needs at least two images on each side).
+
+    Local to one process: CLIP-FID is not synchronised across ranks (``sync_on_compute=False``),
+    so one rank can score alone while the others do something else (build ``inception`` with
+    ``sync_on_compute=False`` too for that).
+    """
+
+    def __init__(
+        self,
+        clip: ClipFeatures,
+        qs_model: GaussianMixture | None = None,
+        inception: nn.Module | None = None,
+        fid: bool = True,
+    ) -> None:
+        device = clip.mean.device
+        self.clip, self.qs_model = clip, qs_model
+        self.fids = {}
+        if fid:
+            self.fids["fid_clip"] = clip_fid_metric(clip, sync_on_compute=False).to(device)
+        if inception is not None and fid:
+            self.fids["fid_inception"] = inception.to(device)
+        self.features: list[torch.Tensor] = []  # CLIP features of the edits, for QS
+        self.clip_scores: list[float] = []  # one per edit, in the order given
+        self.real_count = self.edit_count = 0
+
+    def _update_fids(self, images: Sequence[torch.Tensor], real: bool) -> torch.Tensor:
+        """Feed one batch to every FID; returns CLIP's input (for QS)."""
+        clip_input = torch.cat([self.clip.prepare(image) for image in images])
+        if "fid_clip" in self.fids:
+            self.fids["fid_clip"].update(clip_input, real=real)
+        if "fid_inception" in self.fids:
+            square = torch.cat([centre_square(image, INCEPTION_SIZE) for image in images])
+            self.fids["fid_inception"].update(square.to(clip_input.device), real=real)
+        return clip_input
+
+    @torch.no_grad()
+    def add_real(self, images: Sequence[torch.Tensor]) -> None:
+        if self.fids:  # only FID looks at real images
+            self._update_fids(images, real=True)
+        self.real_count += len(images)
+
+    @torch.no_grad()
+    def add_edits(
+        self,
+        edits: Sequence[torch.Tensor],
+        mask_boxes: Sequence[PixelBox],
+        references: Sequence[torch.Tensor],
+    ) -> list[float]:
+        """Edits with their mask boxes (pixels of the edit) and references; returns each edit's
+        region CLIP score."""
+        clip_input = self._update_fids(edits, real=False)
+        if self.qs_model is not None:
+            self.features.append(self.clip.embed(clip_input).cpu())
+        scores = [
+            region_clip_score([edit[0]], [box], [reference[0]], self.clip)
+            for edit, box, reference in zip(edits, mask_boxes, references, strict=True)
+        ]
+        self.clip_scores.extend(scores)
+        self.edit_count += len(edits)
+        return scores
+
+    def compute(self) -> dict[str, float]:
+        """``fid_clip`` (and ``fid_inception``) unless ``fid=False``, ``qs`` with a mixture,
+        ``clip_score``."""
+        if not self.edit_count:
+            raise ValueError("no edits to score")
+        values = {name: float(metric.compute()) for name, metric in self.fids.items()}
+        if self.qs_model is not None:
+            values["qs"] = quality_score(torch.cat(self.features), self.qs_model)
+        values["clip_score"] = sum(self.clip_scores) / len(self.clip_scores)
+        return values
+
+
 # --- command line --------------------------------------------------------------------------
 
 
 def fit_qs_command(args: argparse.Namespace) -> None:
+    try:
+        count = len(image_files(args.real))
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise SystemExit(f"fit-qs: --real {args.real}: {error}") from None
+    fitted = count - holdout_size(count, args.holdout)  # as fit_quality_model splits them
+    if not 1 <= args.k <= fitted:
+        raise SystemExit(
+            f"fit-qs: {count} images in {args.real} ({fitted} to fit after --holdout "
+            f"{args.holdout}) cannot fit --k {args.k} components: lower --k (at most {fitted}) "
+            "or add images"
+        )
     clip = ClipFeatures.load(args.clip, args.checkpoint).to(args.device)
     features = folder_features(args.real, clip, args.batch_size)
     model = fit_quality_model(features, args.k, args.seed, args.holdout, covariance=args.covariance)

@@ -1,4 +1,10 @@
-"""``train(cfg)``: a plain function from a composed config to a fitted model and its metrics."""
+"""``train(cfg)``: a plain function from a composed config to a fitted model and its metrics.
+
+The console shows the progress bar, our own log lines and real problems. What Lightning, W&B
+and torch print besides is silenced at its source where an option exists (``quiet_console``,
+the model summary and progress bar callbacks, ``open_clip_infos_hidden`` in the encoder), and
+otherwise filtered by exact message and category (``UPSTREAM_NOISE`` and ``LightningChatter``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -23,12 +30,71 @@ from pbe_lightning.checkpoints import (
 from pbe_lightning.models.build import build_model
 from pbe_lightning.shutdown import EXIT_STALLED, SHUTDOWN, StalledShutdown
 from pbe_lightning.slurm import cluster_plugins, requeue_job
+from pbe_lightning.utils.config_checks import check_config
 from pbe_lightning.utils.instantiators import instantiate, instantiate_each
 from pbe_lightning.utils.loggers import finish_loggers, keep_one_wandb_run, save_resolved_config
 
 log = logging.getLogger(__name__)
-# The frozen VAE and CLIP tower are in eval mode on purpose; Lightning warns about it.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+# Upstream warnings that say nothing about this run, each filtered by message and category:
+# (message regex, category, module regex or "" for any, why). Installed by quiet_console().
+UPSTREAM_NOISE = [
+    (r"Found \d+ module\(s\) in eval mode", Warning, "", "the frozen VAE and CLIP: on purpose"),
+    (
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        FutureWarning,
+        r"lightning\.pytorch\.utilities\._pytree",
+        "Lightning 2.6 calls torch's deprecated LeafSpec(); for Lightning to change",
+    ),
+    (
+        r"You're resuming from a checkpoint that ended before the epoch ended and your "
+        r"dataloader is not resumable",
+        PossibleUserWarning,
+        "",
+        "the stream resumes from the DataModule's own state (callbacks.rng_state): exact",
+    ),
+]
+# Outside a SLURM job there is nothing to srun into: a machine with SLURM installed, no more.
+SRUN_HINT = (
+    r"The `srun` command is available on your system but is not used",
+    PossibleUserWarning,
+    "",
+    "only said inside a SLURM job, where it may be a real mistake",
+)
+
+
+class LightningChatter(logging.Filter):
+    """Lightning's info lines that say nothing about this run: the litlogger advert (printed
+    unless a LitLogger is used), the TPU line on machines without one, and the normal end at
+    ``trainer.max_steps`` (logged mid-bar, it ran into the bar's last line; the bar's
+    ``step=N/N`` and our ``finished in`` line say it)."""
+
+    HIDDEN = ("💡 Tip:", "TPU available: False", "`Trainer.fit` stopped: `max_steps=")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.HIDDEN)
+
+
+def quiet_console() -> None:
+    """Lightning's and W&B's console output, at the source (for this process)."""
+    in_slurm_job = "SLURM_JOB_ID" in os.environ
+    for message, category, module, _why in UPSTREAM_NOISE + ([] if in_slurm_job else [SRUN_HINT]):
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    lightning_logger = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        # ``import lightning`` gives its logger a console handler of its own and lets it
+        # propagate: under Hydra's root handlers (console and train.log) every Lightning
+        # line was printed twice. Hydra's handlers print it once, and write it to the log.
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, LightningChatter) for f in rank_zero.filters):
+        rank_zero.addFilter(LightningChatter())
+    # W&B's version banner, the metrics' sparkline table at the end (metrics.csv and the run
+    # hold them) and the "wandb sync" hint; where the run is written is still printed.
+    # WANDB_QUIET=false brings them back.
+    os.environ.setdefault("WANDB_QUIET", "true")
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -55,6 +121,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(found)
 
 
+def resuming_in_place(cfg: DictConfig, ckpt_path: str | None) -> bool:
+    """Whether this run continues from a checkpoint in its own checkpoint folder."""
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    return bool(ckpt_path) and Path(ckpt_path).resolve().parent == folder.resolve()
+
+
 @rank_zero_only
 def tidy_checkpoint_folder(cfg: DictConfig) -> None:
     remove_stale_writes(Path(cfg.paths.output_dir) / "checkpoints")
@@ -66,10 +138,18 @@ def make_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
     if not cfg.trainer.get("enable_progress_bar", True):
         # Lightning refuses a progress-bar callback when the bar is switched off.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    summary = cfg.trainer.get("enable_model_summary", True)
+    if not summary:
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
+    if not loggers:  # logger=none: LearningRateMonitor refuses to start without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    # Ours in callbacks (callbacks.model_summary): Lightning adds none, and says nothing.
+    summary = summary and not any(isinstance(c, ModelSummary) for c in callbacks)
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
+        enable_model_summary=summary,
         plugins=[*plugins, AtomicCheckpointIO(), *cluster_plugins()],
     )
 
@@ -80,6 +160,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     A shutdown signal (``pbe_lightning/shutdown.py``) ends the fit after saving ``last.ckpt``;
     this returns normally then, so the process exits 0, and the job is requeued if the
     signal was the scheduler's requeue signal.
+
+    A config value that cannot work raises :class:`~pbe_lightning.utils.config_checks.ConfigError`
+    (one line: the key and the fix) before anything is built or loaded.
     """
     if SHUTDOWN.saved:  # a multirun's next job, after Ctrl-C or a scheduler's signal
         log.warning("not starting %s: %s was received", cfg.paths.output_dir, SHUTDOWN.signal_name)
@@ -95,7 +178,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def fit(cfg: DictConfig) -> dict[str, float]:
     """The body of ``train``, with shutdown signals handled."""
-    L.seed_everything(cfg.seed, workers=True)
+    check_config(cfg)
+    quiet_console()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed: config_resolved.yaml
     # Data first: a wrong shard path fails in milliseconds, before any weights load.
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -122,7 +207,12 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     SHUTDOWN.after_save = [wrap_up]  # a shutdown that waited for data ends in the callback
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            if resuming_in_place(cfg, ckpt_path):  # the folder's checkpoints are expected
+                warnings.filterwarnings(
+                    "ignore", message=r"Checkpoint directory .* is not empty", category=UserWarning
+                )
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except StalledShutdown:
         # Several ranks: this one cannot join the others' collectives to save its state.
         SHUTDOWN.exit_now(EXIT_STALLED)

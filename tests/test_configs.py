@@ -79,6 +79,15 @@ def test_brace_shard_patterns_need_no_hydra_quoting():
     ]
 
 
+def test_a_list_mixing_brace_patterns_and_files_parses_as_a_user_writes_it(tiny_cfg):
+    """The usual way to mix datasets: one argument, a list holding a brace pattern."""
+    argv = ["data.shards=[/a/x-{000..009}.tar,/b.tar,/c/{s3,gs}-{0..1}.tar]"]
+    quoted = quote_brace_patterns(argv)
+    assert quoted == ['data.shards=["/a/x-{000..009}.tar",/b.tar,"/c/{s3,gs}-{0..1}.tar"]']
+    cfg = tiny_cfg(*quoted)
+    assert list(cfg.data.shards) == ["/a/x-{000..009}.tar", "/b.tar", "/c/{s3,gs}-{0..1}.tar"]
+
+
 def test_configs_are_documented_in_one_place():
     # No duplicated keys between variants and their base: variants only override.
     for group in ("data/mask", "data/augment"):
@@ -118,7 +127,9 @@ def test_ablations_are_sweep_grids_not_recipes():
     assert not [name for name in options("experiment") if "ablat" in name]
     for name, grid in ABLATIONS.items():
         assert yaml.safe_load((CONF / "ablation" / f"{name}.yaml").read_text()) == {
-            "hydra": {"sweeper": {"params": grid}}
+            "hydra": {"sweeper": {"params": grid}},
+            # Every variant of a grid is compared on the paper's metrics while it trains.
+            "callbacks": {"edit_metrics": {"every_n_validations": 1}},
         }
 
 
@@ -179,12 +190,15 @@ def sweep(tmp_path: Path, *overrides: str) -> list[dict]:
 
 def test_an_ablation_sweep_runs_its_grid_in_one_tagged_wandb_group(tmp_path):
     # python train.py -m ablation=mask debug=tiny: the mask grid on the demo, one job a shape.
-    jobs = sweep(tmp_path, "ablation=mask", "debug=tiny", "logger=wandb")
+    jobs = sweep(
+        tmp_path, "ablation=mask", "debug=tiny", "logger=wandb", f"paths.cache_dir={tmp_path}"
+    )
     assert [job["mask"] for job in jobs] == [0.0, 1.0, 0.5]  # box, irregular, paper
     wandb = [job["wandb"] for job in jobs]
     assert {w["group"] for w in wandb} == {"demo+ablation=mask/sweep"}
     assert all(w["tags"] == ["demo", "ablation=mask"] for w in wandb)
-    assert ["data/mask=box" in w["name"] for w in wandb] == [True, False, False]
+    # Named by what varies in the group; paths and the shared overrides are in the config.
+    assert [w["name"] for w in wandb] == ["data/mask=box", "data/mask=irregular", "data/mask=paper"]
 
 
 def test_command_line_values_narrow_an_ablation_grid_on_any_recipe(tmp_path):

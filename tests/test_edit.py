@@ -116,3 +116,13 @@ def test_clear_errors(files, mask, example, message):
     with pytest.raises(SystemExit, match=message):
         main(argv)
     assert not (files["root"] / "x.png").exists()
+
+
+def test_help_shows_the_usage_example_as_written(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    example = (
+        "    python -m pbe_lightning.edit --ckpt run/checkpoints/last.ckpt --image photo.jpg \\\n"
+    )
+    assert example in shown

@@ -47,6 +47,7 @@ def finetune_cfg(tiny_cfg, init_from, *overrides: str):
         "data.resolution=64",
         "data.reference_size=64",
         "trainer=cpu",
+        "metrics_clip.arch=local-dir:${paths.cache_dir}/tiny/clip",  # the paper's metrics, tiny
         *overrides,
     )
 

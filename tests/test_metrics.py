@@ -17,6 +17,7 @@ from pbe_lightning.demo.tiny_models import tiny_clip_folder
 from pbe_lightning.images import mask_bounding_box
 from pbe_lightning.metrics import (
     ClipFeatures,
+    EditScores,
     clip_fid,
     clip_fid_metric,
     fit_gmm,
@@ -26,6 +27,7 @@ from pbe_lightning.metrics import (
     region_clip_score,
     save_quality_model,
 )
+from pbe_lightning.metrics import main as metrics_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,6 +169,27 @@ def test_fit_qs_command_writes_a_usable_mixture(clip, cache_dir, tmp_path):
     assert model.reference.size == 5 and model.clip.startswith("local-dir:")
 
 
+def test_fit_qs_command_says_when_there_are_too_few_images_for_k(cache_dir, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    for index, image in enumerate(scenes(range(6), size=40)):
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(real / f"{index:03d}.png")
+    out = tmp_path / "qs.npz"
+    args = ["fit-qs", "--real", str(real), "--out", str(out), "--device", "cpu"]
+    args += ["--clip", f"local-dir:{tiny_clip_folder(cache_dir)}"]
+    # The default k=20 on 6 images (5 fitted, 1 held out): one line, not EM's traceback.
+    with pytest.raises(SystemExit) as info:
+        metrics_main(args)
+    message = str(info.value.code)
+    assert "\n" not in message and message.startswith("fit-qs: 6 images in")
+    assert "(5 to fit after --holdout 0.2) cannot fit --k 20" in message
+    assert "lower --k (at most 5)" in message
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="--real .*nope"):
+        metrics_main(["fit-qs", "--real", str(tmp_path / "nope"), *args[3:]])
+
+
 def test_mask_bounding_box_follows_the_white_is_edit_convention():
     mask = Image.new("L", (40, 30))
     mask.paste(255, (5, 7, 21, 19))  # PIL box: end exclusive, like ours
@@ -193,3 +216,17 @@ def test_region_clip_score_is_100_for_the_reference_itself(clip):
     cosine = float((region * clip.embed(clip.prepare(others[0][None], "squash"))).sum())
     single = region_clip_score(generated[:1], boxes[:1], others[:1], clip)
     assert single == pytest.approx(100 * cosine, rel=1e-5)
+
+
+def test_edit_scores_are_local_to_one_process_and_fid_is_optional(clip):
+    scores = EditScores(clip)
+    # Rank zero scores alone during training: computing must not wait for the other ranks.
+    assert scores.fids["fid_clip"].sync_on_compute is False
+    with pytest.raises(ValueError, match="no edits"):
+        scores.compute()
+    # One preview sample cannot give an FID; the other scores still can.
+    single = EditScores(clip, fid=False)
+    image = scenes(range(1))
+    single.add_real([image])
+    assert single.add_edits([image], [(0, 0, 48, 48)], [image]) == [pytest.approx(100, abs=1e-3)]
+    assert single.compute() == {"clip_score": pytest.approx(100, abs=1e-3)}

@@ -16,6 +16,7 @@ from pbe_lightning.data.datamodule import expand_urls
 from pbe_lightning.data.samples import SKIP_REASONS
 from pbe_lightning.data.shard_report import load_data_config, main
 from pbe_lightning.demo.dataset import demo_shard_pattern, ensure_demo_dataset
+from pbe_lightning.images import LABEL_HEIGHT
 from tests.helpers.config import CONF
 from tests.helpers.hostile_corpus import write_hostile_corpus
 
@@ -50,7 +51,7 @@ def test_counts_boxes_and_contact_sheet_of_demo_shards(demo, tmp_path, capsys):
     assert "width   min 128" in report  # the demo's 128 px scenes
     assert stats.accepted == boxes  # demo boxes are drawn between 5% and 30% of the image
     # Five rows of four 64 px panels, 2 px apart: make_grid's layout.
-    assert Image.open(out).size == (4 * 66 + 2, 5 * 66 + 2)
+    assert Image.open(out).size == (4 * 66 + 2, LABEL_HEIGHT + 5 * 66 + 2)  # + column names
     assert "contact sheet:" in report and "mask=paper, augment=paper" in report
 
 
@@ -73,7 +74,7 @@ def test_max_records_stops_early_and_the_device_decode_view_draws_too(demo, tmp_
     stats = main([*args, "--mask", "box", "--augment", "none", "--decode-on-device", *SMALL])
     assert list(stats.records_per_shard.values()) == [16, 4]
     assert "records: 20 total, 20 usable" in capsys.readouterr().out
-    assert Image.open(out).size == (4 * 34 + 2, 3 * 34 + 2)
+    assert Image.open(out).size == (4 * 34 + 2, LABEL_HEIGHT + 3 * 34 + 2)
 
 
 def test_mask_and_augment_choices_come_from_the_config_files():

@@ -106,8 +106,11 @@ def test_missing_shards_fail_before_any_weights_load(tiny_cfg, tmp_path):
 
 def test_paper_recipe_without_weights_names_the_override(tiny_cfg, tmp_path):
     shards = write_shards(tmp_path / "shards")
+    clip = tmp_path / "b32.bin"  # the metrics' CLIP (checked first, by config_checks)
+    clip.touch()
     cfg = tiny_cfg(
         "experiment=paper",
+        f"metrics_clip.checkpoint={clip}",
         f"data.shards={shards}/mine-000.tar",
         "trainer.devices=1",
         "trainer.strategy=auto",
@@ -115,10 +118,15 @@ def test_paper_recipe_without_weights_names_the_override(tiny_cfg, tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="model.backbone.path"):
         train(cfg)
-    cfg = tiny_cfg("experiment=paper", f"data.shards={shards}/mine-000.tar", "model/backbone=tiny")
+    cfg = tiny_cfg(
+        "experiment=paper",
+        f"metrics_clip.checkpoint={clip}",
+        f"data.shards={shards}/mine-000.tar",
+        "model/backbone=tiny",
+    )
     with pytest.raises(FileNotFoundError, match="model.encoder.checkpoint"):
         train(cfg)
-    cfg = tiny_cfg("experiment=paper")
+    cfg = tiny_cfg("experiment=paper", f"metrics_clip.checkpoint={clip}")
     with pytest.raises(ValueError, match="data.shards is not set"):
         train(cfg)
 

@@ -4,6 +4,17 @@ The EMA weights are used for validation (losses and sample grids) and export; th
 saved in checkpoints as ``pbe_ema`` (state-dict names -> tensors), restored on resume, and
 never updated from a step whose update was skipped (non-finite gradients): the module's
 ``last_update_skipped`` flag scales the step to zero on the device, without a host read.
+
+Why not Lightning's ``EMAWeightAveraging`` (``WeightAveraging``, Lightning 2.6): it wraps the
+whole module in torch's ``AveragedModel``, whose ``update_parameters`` reads its step counter
+back to the host twice per step (``bool(n_averaged == 0)``, ``n_averaged > 0``): the device
+sync this framework keeps out of its steps (``tests/test_step_syncs.py``). Its average has no
+way to skip a step on the device, so a skipped non-finite step would still move it. It copies
+and averages the frozen VAE and CLIP tower too (a second copy of ~1.5 GB, updated for
+nothing), and writes the average over the checkpoint's ``state_dict`` (the trained weights move
+to ``current_model_state``), where export and resume read ``pbe_ema`` beside the trained
+weights. And it cannot average FSDP shards either (it warns; this callback refuses
+``trainer=fsdp``, which ``utils/config_checks.py`` also catches before anything loads).
 """
 
 from __future__ import annotations

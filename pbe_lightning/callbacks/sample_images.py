@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from pbe_lightning.images import batch_rows, panel_grid, save_grid
 
+COLUMNS = ("source", "hole", "reference", "edit")
+
 
 def edit_grid(batch: dict, edits: torch.Tensor, limit: int) -> torch.Tensor:
     """One row per sample: source, hole (white), reference, edit pasted into the hole; [0, 1].
@@ -24,7 +26,8 @@ def edit_grid(batch: dict, edits: torch.Tensor, limit: int) -> torch.Tensor:
     keep = batch["mask"][:n]
     edit = (batch["image"][:n] * keep + edits[:n] * (1 - keep)) * 0.5 + 0.5
     rows = batch_rows(source, hole, batch["reference"][:n], edit)
-    return panel_grid(rows, size, mode="bilinear", antialias=False)  # the reference is smaller
+    # The reference is smaller than the other panels: resized to their size.
+    return panel_grid(rows, size, mode="bilinear", antialias=False, labels=COLUMNS)
 
 
 class SampleImages(L.Callback):

@@ -2,8 +2,13 @@
 
 Measured between logging steps, on the host clock: with no host sync between them, the CPU
 runs ahead of the accelerator only as far as its launch queue allows, so over an interval the
-host's rate is the device's. Lightning's ``ThroughputMonitor`` synchronises the device every
-step to time each one, which is the stall this framework avoids.
+host's rate is the device's.
+
+Why not Lightning's ``ThroughputMonitor`` (2.6): it calls ``torch.cuda.synchronize()`` at the
+end of every training batch to time each one, the per-step stall this framework avoids
+(``pbe_lightning/logging_steps.py``, ``tests/test_step_syncs.py``); it also needs a
+``batch_size_fn``, warns unless the module defines ``flops_per_batch``, and hands its values
+to the loggers directly, not through ``self.log``: they never reach ``trainer.callback_metrics``.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from pbe_lightning.images import batch_rows, panel_grid, save_grid
 CHECKOUT_CONF = Path(__file__).resolve().parents[2] / "conf"  # a git checkout's config tree
 CONFIG_MARKER = Path("data") / "webdataset.yaml"  # what a usable config tree holds
 COLUMNS = "source | mask (white = edit) | masked source | augmented reference"
+COLUMN_LABELS = ("source", "mask", "masked", "reference")  # above the contact sheet's columns
 
 
 @dataclass
@@ -225,7 +226,7 @@ def contact_sheet(batch: dict, tile: int) -> torch.Tensor:
     hole = 1 - batch["mask"]
     masked = batch["masked_image"] * 0.5 + 0.5
     rows = batch_rows(*(x.float().cpu() for x in (source, hole, masked, batch["reference"])))
-    return panel_grid(rows, tile, mode="bilinear", antialias=True)
+    return panel_grid(rows, tile, mode="bilinear", antialias=True, labels=COLUMN_LABELS)
 
 
 def spread(values: Sequence[float], fmt: str = "{:.3g}") -> str:

@@ -9,6 +9,8 @@ follow diffusers' ``PaintByExampleImageEncoder`` so export is a rename-free copy
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -100,6 +102,33 @@ class ExemplarEncoder(nn.Module):
         return self.uncond_vector.expand(batch_size, tokens, -1)
 
 
+class _BelowWarningFrom(logging.Filter):
+    """Drops records under WARNING whose source file lies in ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = str(folder)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.folder)
+
+
+@contextmanager
+def open_clip_infos_hidden():
+    """While open_clip creates a model, its ~9 INFO lines are dropped; its warnings still show.
+
+    open_clip logs through the root logger itself (``logging.info``), so no logger's level
+    can single it out. A filter on the root logger sees only records logged on that logger
+    directly (not those propagated from named loggers), and this one drops open_clip's."""
+    root = logging.getLogger()
+    hidden = _BelowWarningFrom(Path(open_clip.__file__).parent)
+    root.addFilter(hidden)
+    try:
+        yield
+    finally:
+        root.removeFilter(hidden)
+
+
 def load_clip_vision(arch: str, checkpoint: str | None) -> tuple[nn.Module, dict]:
     """open_clip vision tower from local weights only; returns it and its preprocess config.
 
@@ -114,7 +143,8 @@ def load_clip_vision(arch: str, checkpoint: str | None) -> tuple[nn.Module, dict
                 f"no open_clip model at {folder} (needs open_clip_config.json + weights): fix "
                 "model.encoder.arch=local-dir:/path, or use model/encoder=tiny for a tiny test model"
             )
-        model = open_clip.create_model(arch)
+        with open_clip_infos_hidden():
+            model = open_clip.create_model(arch)
     else:
         if checkpoint is None or not Path(checkpoint).is_file():
             raise FileNotFoundError(
@@ -123,7 +153,8 @@ def load_clip_vision(arch: str, checkpoint: str | None) -> tuple[nn.Module, dict
                 "tags are not downloaded), or use model/encoder=tiny"
             )
         try:
-            model = open_clip.create_model(arch, pretrained=checkpoint)
+            with open_clip_infos_hidden():
+                model = open_clip.create_model(arch, pretrained=checkpoint)
         except RuntimeError as error:
             raise RuntimeError(
                 f"CLIP weights at {checkpoint} do not fit model.encoder.arch={arch}: {error}"

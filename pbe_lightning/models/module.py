@@ -208,8 +208,8 @@ class PaintByExampleModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
-        if is_logging_step(self.trainer):  # a Python number logged is a host-to-device copy
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
+        # train/lr/<param group>: callbacks.lr_monitor (Lightning's LearningRateMonitor).
+        if is_logging_step(self.trainer):  # stop_if_diverged reads a device value
             self.log("train/nonfinite_steps", self.nonfinite_total, batch_size=1)
             self.stop_if_diverged()
 
@@ -274,7 +274,8 @@ class PaintByExampleModule(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            # LearningRateMonitor's key: train/lr/unet and train/lr/mapper (the groups' names)
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
 
     # -- checkpoints -------------------------------------------------------------------------

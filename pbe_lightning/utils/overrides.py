@@ -9,7 +9,8 @@ BRACE_RANGE = re.compile(r"\{[^{}]*\.\.[^{}]*\}|\{[^{}:]*,[^{}:]*\}")
 
 
 def quote_brace_patterns(argv: list[str]) -> list[str]:
-    """``key=/d/train-{000..099}.tar`` -> ``key="/d/train-{000..099}.tar"``.
+    """``key=/d/train-{000..099}.tar`` -> ``key="/d/train-{000..099}.tar"``, and inside lists:
+    ``key=[/a/x-{000..009}.tar,/b.tar]`` -> ``key=["/a/x-{000..009}.tar",/b.tar]``.
 
     Hydra's override grammar reads ``{`` as the start of a dict and rejects the usual
     WebDataset shard pattern unless it is quoted; users should not have to know that.
@@ -17,11 +18,36 @@ def quote_brace_patterns(argv: list[str]) -> list[str]:
     quoted = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        needs_quotes = (
-            sep
-            and not arg.startswith("-")
-            and BRACE_RANGE.search(value)
-            and not value.startswith(("'", '"', "[", "{"))
-        )
-        quoted.append(f'{key}="{value}"' if needs_quotes else arg)
+        if not sep or arg.startswith("-"):
+            quoted.append(arg)
+        elif value.startswith("[") and value.endswith("]"):
+            elements = split_top_level(value[1:-1])
+            quoted.append(f"{key}=[{','.join(_quoted(e) for e in elements)}]")
+        else:
+            quoted.append(f"{key}={_quoted(value)}")
     return quoted
+
+
+def _quoted(value: str) -> str:
+    if BRACE_RANGE.search(value) and not value.startswith(("'", '"', "[", "{")):
+        return f'"{value}"'
+    return value
+
+
+def split_top_level(text: str) -> list[str]:
+    """``a-{0..9}.tar,b-{x,y}.tar`` -> the two elements: commas inside braces, brackets or
+    quotes do not split."""
+    elements, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            elements.append(text[start:i])
+            start = i + 1
+    return [*elements, text[start:]] if text else []

@@ -8,10 +8,13 @@ numbers from their environment means one config serves every job size.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from pbe_lightning.utils.overrides import split_top_level
 
 
 def launcher_nodes(default: int = 1) -> int:
@@ -55,10 +58,45 @@ def run_tags() -> ListConfig:
     return OmegaConf.create(selection())
 
 
+NAME_VALUE_LIMIT = 24  # longer override values (paths, lists) would drown the name
+
+
 def run_name() -> str | None:
-    """A run named by what it changes (``data/mask=box,seed=2``); None lets W&B pick."""
+    """A run named by what it changes (``data/mask=box,seed=2``); None lets W&B pick.
+
+    In a sweep, by what varies between its runs (the ablation grid's keys and the command
+    line's comma lists): the runs of a group differ there, the rest is shared. Otherwise
+    Hydra's ``override_dirname`` less paths and long values: ``data.shards=/abs/...`` says
+    nothing in a run list (the config holds it), and W&B truncates long names anyway.
+    """
     hydra = _hydra_config()
-    return (hydra.job.override_dirname or None) if hydra else None
+    if hydra is None:
+        return None
+    overrides = sorted(hydra.overrides.task)
+    if str(hydra.mode) == "RunMode.MULTIRUN":
+        swept = swept_keys(hydra)
+        varying = [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]
+        if varying:
+            return ",".join(varying)
+    excluded = set(hydra.job.config.override_dirname.exclude_keys)
+    parts = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") in excluded or "/" in value or len(value) > NAME_VALUE_LIMIT:
+            continue
+        parts.append(override)
+    return ",".join(parts) or None
+
+
+def swept_keys(hydra: DictConfig) -> set[str]:
+    """The keys a multirun sweeps: its sweeper's grid (``ablation=...``) and the command
+    line's ``key=a,b`` (read from ``sys.argv``: Hydra keeps only each job's own values)."""
+    keys = set(OmegaConf.select(hydra, "sweeper.params", default=None) or {})
+    for argument in sys.argv[1:]:
+        key, sep, value = argument.partition("=")
+        if sep and len(split_top_level(value)) > 1 and not value.startswith(("[", "{")):
+            keys.add(key.lstrip("+~"))
+    return keys
 
 
 def sweep_group() -> str | None:

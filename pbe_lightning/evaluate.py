@@ -60,6 +60,7 @@ from pbe_lightning.metrics import (
 )
 from pbe_lightning.models.module import PaintByExampleModule
 from pbe_lightning.models.samplers import SAMPLERS
+from pbe_lightning.utils.console import quiet_console
 from pbe_lightning.utils.instantiators import instantiate_each
 from pbe_lightning.utils.loggers import (
     TrainingRun,
@@ -266,6 +267,7 @@ def make_report(
 
 def evaluate(cfg: DictConfig) -> dict:
     """Paint the benchmark (resumably), score it, write metrics.json + grid; returns the report."""
+    quiet_console()
     if cfg.batch_size < 1 or cfg.steps < 1 or cfg.sampler not in SAMPLERS:
         raise ValueError(
             f"batch_size={cfg.batch_size}, steps={cfg.steps} (both >= 1), sampler={cfg.sampler} "

@@ -118,3 +118,13 @@ def test_the_command_line_prints_one_line_and_exits_1(tmp_path, cache_dir):
         "error: data.batch_size=0 must be a whole number >= 1: samples per GPU, "
         "e.g. data.batch_size=4"
     ]
+
+
+def test_an_ablation_without_multirun_is_refused_on_the_command_line(tmp_path, cache_dir):
+    args = ["ablation=mask", "debug=tiny", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_train(args, cwd=tmp_path, cache=cache_dir, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: ablation=mask is a sweep grid, and this is a single run: put -m first "
+        "(python train.py -m ablation=mask ...), or drop ablation= for one run"
+    ]

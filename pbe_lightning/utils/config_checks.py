@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pbe_lightning.callbacks.edit_metrics import check_clip
@@ -321,6 +322,19 @@ def check_edit_metrics(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
+def check_ablation_is_swept(cfg: DictConfig) -> None:
+    """``ablation=X`` is a grid for ``-m``: without it Hydra runs the recipe once, silently."""
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    ablation = hydra.runtime.choices.get("ablation")
+    if ablation and str(hydra.mode) != "RunMode.MULTIRUN":
+        raise ConfigError(
+            f"ablation={ablation} is a sweep grid, and this is a single run: put -m first "
+            f"(python train.py -m ablation={ablation} ...), or drop ablation= for one run"
+        )
+
+
 CHECKS = (
     check_optimizer,
     check_guidance,
@@ -331,6 +345,7 @@ CHECKS = (
     check_accelerator,
     check_ema,
     check_edit_metrics,
+    check_ablation_is_swept,
 )
 
 

@@ -114,6 +114,26 @@ def test_ema_averages_only_taken_steps_and_round_trips(tiny_cfg):
     assert torch.allclose(dict(model.named_parameters())[name], start[name] + 1)
 
 
+def test_ema_averages_once_per_optimiser_step_under_gradient_accumulation(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg("trainer.max_steps=3")
+    model, datamodule = build_model(cfg.model), instantiate(cfg.data)
+    ema = EMA(decay=0.5)
+    averaged = []
+    real_lerp = torch._foreach_lerp_
+
+    def counting_lerp(*args, **kwargs):
+        averaged.append(1)
+        return real_lerp(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_lerp_", counting_lerp)
+    trainer = bare_trainer(max_steps=3)
+    trainer.accumulate_grad_batches = 2  # 6 batches, 3 optimiser steps
+    trainer.callbacks.append(ema)
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == 3
+    assert len(averaged) == 3  # not once per batch: decay**2 per step would be another EMA
+
+
 def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("model.max_nonfinite_steps=3", "trainer.max_steps=10")
     datamodule = instantiate(cfg.data)

@@ -38,6 +38,7 @@ class EMA(L.Callback):
         self.start_step = start_step
         self.validate_with_ema = validate_with_ema
         self.shadow: dict[str, torch.Tensor] = {}
+        self._averaged_step: int | None = None  # the optimiser step last averaged in
         self._swapped: dict[str, torch.Tensor] | None = None
 
     @staticmethod
@@ -60,6 +61,9 @@ class EMA(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if outputs is None:  # the step was skipped: do not average in unchanged/bad weights
             return
+        if trainer.global_step == self._averaged_step:
+            return  # accumulating gradients: no optimiser step, the weights did not change
+        self._averaged_step = trainer.global_step
         params = self.tracked(pl_module)
         if trainer.global_step <= self.start_step:
             for name, param in params.items():

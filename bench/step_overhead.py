@@ -47,7 +47,7 @@ def load_config(args: argparse.Namespace, output_dir: Path) -> DictConfig:
         "+trainer.limit_val_batches=0",
         "callbacks.checkpoint.every_n_train_steps=1000000",
         "callbacks.checkpoint.save_last=false",
-        "+trainer.enable_model_summary=false",
+        "trainer.enable_model_summary=false",
         *args.overrides,
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

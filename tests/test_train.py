@@ -9,12 +9,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import pbe_lightning.train as train_module
+from pbe_lightning.models.build import build_model
 from pbe_lightning.train import train
 from tests.helpers.config import TINY
 from tests.helpers.processes import run_train
 
 
-def test_resume_restores_global_step_and_optimizer_state(tiny_cfg, tmp_path):
+def test_resume_restores_global_step_and_optimizer_state(monkeypatch, tiny_cfg, tmp_path):
     first = tiny_cfg()
     train(first)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -25,23 +27,16 @@ def test_resume_restores_global_step_and_optimizer_state(tiny_cfg, tmp_path):
     assert saved["pbe_model_config"]["cfg_dropout"] == 0.2
     assert saved["pbe_resolution"] == 64  # inference paints at the training resolution
 
-    from pbe_lightning.models import build
-
     restored = {}
-    real_build = build.build_model
 
     def spy(cfg):
-        restored["model"] = real_build(cfg)
+        restored["model"] = build_model(cfg)
         return restored["model"]
 
     resumed = tiny_cfg(f"ckpt_path={last}", "trainer.max_steps=4")
-    try:
-        import pbe_lightning.train as train_module
-
-        train_module.build_model = spy
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "build_model", spy)
         train(resumed)
-    finally:
-        train_module.build_model = real_build
     trainer = restored["model"].trainer
     assert trainer.global_step == 4  # nothing left to do: the step came from the checkpoint
     state = trainer.optimizers[0].state_dict()["state"]

@@ -54,7 +54,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from pbe_lightning.data import samples
+from pbe_lightning.data import crop_resize, samples
 from pbe_lightning.data.crops import BoxFilter, CropSampler, choose_box
 from pbe_lightning.data.datamodule import device_transform
 from pbe_lightning.data.device_decode import decode_batch
@@ -457,7 +457,7 @@ def accuracy(records: list[dict], spec: SampleSpec, count: int) -> str:
     decode: mean abs difference (of 255), and offset in output pixels (least squares on the
     gradients); with how many records decode at a DCT scale and crops fall back to PIL."""
     scaled, errors, offsets, fallbacks, crops = 0, [], [], 0, 0
-    kernel = samples._torch_crop_resize
+    kernel = crop_resize.torch_crop_resize
 
     def counted(*args: object) -> torch.Tensor | None:
         nonlocal fallbacks, crops
@@ -465,7 +465,7 @@ def accuracy(records: list[dict], spec: SampleSpec, count: int) -> str:
         crops, fallbacks = crops + 1, fallbacks + (out is None)
         return out
 
-    samples._torch_crop_resize = counted
+    crop_resize.torch_crop_resize = counted
     try:
         for index, record in enumerate(records[:count]):
             sample = make_sample(record, spec, random.Random(f"bench:{index}"))
@@ -479,7 +479,7 @@ def accuracy(records: list[dict], spec: SampleSpec, count: int) -> str:
                 errors.append(np.abs(ours - exact).mean())
                 offsets.append(offset(ours, exact))
     finally:
-        samples._torch_crop_resize = kernel
+        crop_resize.torch_crop_resize = kernel
     return (
         f"mean abs difference {statistics.mean(errors):.2f} (max {max(errors):.2f}), "
         f"offset {statistics.mean(offsets):.3f} px (max {max(offsets):.3f}); "

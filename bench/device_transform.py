@@ -6,9 +6,11 @@ implementation it replaced (OLD) against the current one (NEW), in one process.
 
 A batch of 16 at 512 px (reference 224), uint8 as the loader delivers it, masks from
 ``conf/data/mask/paper.yaml`` and the augmentation of ``conf/data/augment/paper.yaml`` and
-``strong.yaml`` (composed by Hydra as training does). OLD is a private copy of the previous
-code: :class:`KorniaSequentialAugment` (one Kornia op after another in an
-``AugmentationSequential``) and :class:`SearchsortedMaskGenerator` (the previous polygon fill).
+``strong.yaml`` (composed by Hydra as training does). OLD is a private copy of an earlier
+design: :class:`KorniaSequentialAugment` (one Kornia op after another in an
+``AugmentationSequential``, at the config's probabilities, with that design's ops: Gaussian
+blur, black borders, Kornia's elastic field without the affine part; a cost baseline, not the
+same distribution as NEW) and :class:`SearchsortedMaskGenerator` (the previous polygon fill).
 Every round times OLD and NEW in turn (the order alternating between rounds, same seed for
 both) so that load from other users of the machine hits them alike; the table shows medians
 over the rounds. The op counts are ATen ops dispatched per call (a proxy for kernel launches on
@@ -51,8 +53,15 @@ BOOLEAN_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
 # ----------------------------------------------------------------------------- OLD (a copy)
+# The config values the Kornia baseline takes (the others are NEW's recipe, not Kornia's).
+KORNIA_KEYS = (
+    "hflip", "rotation", "rotation_degrees", "blur", "elastic", "color_jitter", "color_strength",
+    "perspective", "scene_hflip",
+)  # fmt: skip
+
+
 class KorniaSequentialAugment(nn.Module):
-    """The previous ``Augment``: Kornia ops one after another, one warp per geometric op."""
+    """An earlier ``Augment``: Kornia ops one after another, one warp per geometric op."""
 
     def __init__(
         self,
@@ -60,15 +69,15 @@ class KorniaSequentialAugment(nn.Module):
         rotation: float = 0.5,
         rotation_degrees: float = 20.0,
         blur: float = 0.3,
-        blur_kernel: int = 7,
         elastic: float = 0.3,
-        elastic_kernel: int = 63,
-        elastic_sigma: float = 32.0,
-        elastic_alpha: float = 1.0,
         color_jitter: float = 0.0,
         color_strength: float = 0.2,
         perspective: float = 0.0,
         scene_hflip: float = 0.0,
+        blur_kernel: int = 7,
+        elastic_kernel: int = 63,
+        elastic_sigma: float = 32.0,
+        elastic_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         ops: list[nn.Module] = []
@@ -98,12 +107,15 @@ class KorniaSequentialAugment(nn.Module):
             else None
         )
 
-    def reference(self, reference: torch.Tensor) -> torch.Tensor:
+    def reference(self, reference: torch.Tensor, generator=None) -> torch.Tensor:
+        # ``generator`` unused: Kornia draws from the global generators.
         if self.reference_ops is None:
             return reference
         return self.reference_ops(reference).clamp(0, 1)
 
-    def scene(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scene(
+        self, image: torch.Tensor, mask: torch.Tensor, generator=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.scene_ops is None:
             return image, mask
         image, mask = self.scene_ops(image, mask)
@@ -144,7 +156,9 @@ class SearchsortedMaskGenerator:
     points_per_edge: int = 18
     jitter: float = 0.01
 
-    def __call__(self, object_boxes, mask_boxes, size, generator=None):
+    def __call__(
+        self, object_boxes, mask_boxes, size, generator=None, crop_px=None, outline_keep=None
+    ):  # crop_px, outline_keep: the current generator's inputs, unused by the old one
         rect = old_box_masks(mask_boxes, size)
         if self.irregular_prob == 0:
             return rect
@@ -178,14 +192,16 @@ def make_batch(batch: int, resolution: int, reference: int, device: torch.device
 
 def implementations(preset: str) -> dict[str, tuple]:
     cfg = load_data_config("paper", preset)
-    mask_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.mask).items() if k != "_target_"}
+    # The old generator takes the keys it had (the current one has more: outline, edge, ...).
+    old_mask_keys = ("irregular_prob", "points_per_edge", "jitter")
+    mask_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.mask).items() if k in old_mask_keys}
     augment_kwargs = {
         k: v for k, v in OmegaConf.to_container(cfg.augment).items() if k != "_target_"
     }
     return {
         "old": (
             SearchsortedMaskGenerator(**mask_kwargs),
-            KorniaSequentialAugment(**augment_kwargs),
+            KorniaSequentialAugment(**{k: augment_kwargs[k] for k in KORNIA_KEYS}),
         ),
         "new": (instantiate(cfg.mask), instantiate(cfg.augment)),
     }

@@ -362,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     oi.add_argument("--boxes", required=True, help="*-annotations-bbox.csv, sorted by ImageID")
     oi.add_argument("--images", required=True, help="folder of {ImageID}.jpg")
     oi.add_argument("--classes", help="class-descriptions CSV: names instead of /m/ ids")
-    oi.add_argument("--keep-group-boxes", action="store_true",
-                    help="keep IsGroupOf boxes (default: dropped, a poor exemplar)")  # fmt: skip
+    oi.add_argument("--drop-group-boxes", action="store_true",
+                    help="drop IsGroupOf boxes (one box around several objects); default: kept, "
+                    "as Paint by Example trained on them")  # fmt: skip
     co = sub.add_parser("coco", parents=[common], help="COCO instances JSON (no crowd boxes)")
     co.add_argument("--annotations", required=True, help="e.g. instances_train2017.json")
     co.add_argument("--images", required=True, help="folder the file_name entries are in")
@@ -381,7 +382,7 @@ def source_items(args: argparse.Namespace, dropped: Counter) -> Iterator[Item]:
             args.boxes,
             args.images,
             classes=args.classes,
-            keep_group_boxes=args.keep_group_boxes,
+            keep_group_boxes=not args.drop_group_boxes,
             dropped=dropped,
         )
     if args.source == "coco":

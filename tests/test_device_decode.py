@@ -70,8 +70,8 @@ def test_every_decodable_record_gives_the_worker_paths_sample(name):
         for key in worker:
             assert device[key].dtype == worker[key].dtype, key
             assert device[key].shape == worker[key].shape, key
-        assert torch.equal(device["object_box"], worker["object_box"])
-        assert torch.equal(device["mask_box"], worker["mask_box"])
+        for key in ("object_box", "mask_box", "crop_px", "outline_keep"):
+            assert torch.equal(device[key], worker[key]), key
         assert mean_abs_diff(device["image"], worker["image"]) < TOLERANCE
         assert mean_abs_diff(device["reference"], worker["reference"]) < TOLERANCE
 
@@ -91,7 +91,7 @@ def test_jpegs_go_to_the_device_and_other_files_are_decoded_by_the_worker():
     }
     for name, kind in expected.items():
         sample = make_sample(record(name), DEVICE_SPEC, random.Random(0))
-        assert set(sample) == {"encoded", "object_box", "mask_box"}
+        assert set(sample) == {"encoded", "object_box", "mask_box", "crop_px", "outline_keep"}
         assert sample["encoded"].kind == kind, name
 
 
@@ -177,13 +177,15 @@ def test_a_jpeg_no_decoder_reads_is_replaced_by_another_sample_and_counted(monke
 
     monkeypatch.setattr(device_decode, "_decode", broken)
     names = ["rgb_jpeg", "rgb_png"]
-    samples = [make_sample(record(n), DEVICE_SPEC, random.Random(0)) for n in names]
+    samples = [make_sample(record(n), DEVICE_SPEC, random.Random(i)) for i, n in enumerate(names)]
     batch = default_collate(samples)
+    assert not torch.equal(batch["crop_px"][0], batch["crop_px"][1])  # two different crops
     batch["stream_state"] = StreamState(0, {}, (0,) * len(SKIP_REASONS), 2)
     with pytest.warns(UserWarning, match="could not be decoded"):
         out = decode_batch(batch, 64, 32)
     assert torch.equal(out["image"][0], out["image"][1])
-    assert torch.equal(out["object_box"][0], out["object_box"][1])
+    for key in ("object_box", "mask_box", "crop_px", "outline_keep"):  # the whole sample
+        assert torch.equal(out[key][0], out[key][1]), key
     assert out["stream_state"].skipped[SKIP_REASONS.index("bad_image")] == 1
     with pytest.raises(RuntimeError, match="decode_on_device=false"):
         decode_batch(default_collate(samples[:1]), 64, 32)

@@ -170,7 +170,7 @@ def run(argv: list[str], out: Path, *extra: str) -> dict:
 
 
 def test_openimages(openimages, tmp_path):
-    manifest = run(openimages, tmp_path / "out", "--maxcount", "2")
+    manifest = run(openimages, tmp_path / "out", "--maxcount", "2", "--drop-group-boxes")
     assert manifest["total_samples"] == 2 and manifest["total_items"] == 5
     assert manifest["skipped"] == {"bad_image": 1, "missing_image": 1, "no_boxes": 1}
     assert manifest["dropped_boxes"] == {"group_of": 2}
@@ -185,10 +185,10 @@ def test_openimages(openimages, tmp_path):
     assert_loader_reads(records)
 
 
-def test_openimages_keeps_group_boxes_on_request(openimages, tmp_path):
-    manifest = run(openimages, tmp_path / "out", "--keep-group-boxes")
+def test_openimages_keeps_group_boxes_by_default_as_the_paper_trained(openimages, tmp_path):
+    manifest = run(openimages, tmp_path / "out")
     assert "group_of" not in manifest["dropped_boxes"]
-    # The group-only image now has a box, and is skipped for its missing file instead.
+    # The group-only image has its box, and is skipped for its missing file instead.
     assert manifest["skipped"] == {"bad_image": 1, "missing_image": 2}
     box = json.loads(read_shards(tmp_path / "out")[OI_IDS["plain"]]["json"])["boxes"][1]
     assert box == [0, 0, 160, 120]
@@ -294,10 +294,11 @@ def test_readers_take_plain_arguments(openimages, coco, folder):
     dropped = Counter()
     boxes, images = Path(option(openimages, "--boxes")), option(openimages, "--images")
     classes = option(openimages, "--classes")
-    items = list(openimages_items(boxes, images, classes=classes, dropped=dropped))
+    options = {"classes": classes, "keep_group_boxes": False, "dropped": dropped}
+    items = list(openimages_items(boxes, images, **options))
     assert [i.key for i in items] == list(OI_IDS.values()) and dropped == {"group_of": 2}
     assert items[0].labels == ("Cat",) and items[0].path == str(Path(images, f"{items[0].key}.jpg"))
-    kept = next(openimages_items(boxes, images, keep_group_boxes=True))
+    kept = next(openimages_items(boxes, images))  # group boxes kept by default
     assert len(kept.boxes) == 2 and kept.labels == ("/m/cat", "/m/dog")
 
     dropped = Counter()

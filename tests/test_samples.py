@@ -18,10 +18,10 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from bench.data_throughput import float_crop  # the benchmark's accuracy reference
-from pbe_lightning.data import samples
-from pbe_lightning.data.crops import CropSampler
+from pbe_lightning.data import crop_resize
+from pbe_lightning.data.crop_resize import DISPLAY_TENSOR
+from pbe_lightning.data.crops import CropGeometry, CropSampler
 from pbe_lightning.data.samples import (
-    DISPLAY_TENSOR,
     DISPLAY_TRANSPOSE,
     SampleSpec,
     decode_scale,
@@ -103,6 +103,7 @@ BOXES = [
     ((300.9, 180.3, 420.2, 299.6), 224),
     ((899.0 - 410.6, 699.0 - 390.2, 899.99, 699.7), 224),
     ((40.0, 30.0, 712.0, 702.0), 224),  # a scale of exactly 3: the whole-pixel start is kept
+    ((0.0, 0.0, 900.0, 700.0), 256),  # the whole image, squashed (no square holds the hole)
 ]
 
 
@@ -110,7 +111,7 @@ BOXES = [
 def test_crops_sit_within_a_fiftieth_of_a_pixel_of_the_float_reference(box, size):
     pixels = photo(900, 700)
     image = Image.fromarray(pixels)
-    ours = samples._crop_resize(image, box, size, 1)
+    ours = crop_resize.crop_resize(image, box, size, 1)
     clipped = (max(box[0], 0), max(box[1], 0), min(box[2], 900), min(box[3], 700))
     reference = float_crop(pixels, clipped, size)
     pillow = np.asarray(image.resize((size, size), Image.BILINEAR, box=clipped)).transpose(2, 0, 1)
@@ -132,14 +133,14 @@ def test_the_torch_kernel_does_almost_every_crop_and_pil_the_rest_exactly(monkey
         side = rng.uniform(150, 690)
         x0, y0 = rng.uniform(0, 900 - side), rng.uniform(0, 700 - side)
         crops.append(((x0, y0, x0 + side, y0 + side), rng.choice((224, 512))))
-    planned = [samples._torch_crop_resize(image, box, size) is not None for box, size in crops]
+    planned = [crop_resize.torch_crop_resize(image, box, size) is not None for box, size in crops]
     assert sum(planned) >= 36, sum(planned)
     # Where the kernel cannot sample the box exactly enough, PIL's box resize does it.
-    monkeypatch.setattr(samples, "MAX_LEAD", 0)
-    monkeypatch.setattr(samples, "ALIGN_TOLERANCE", 0.0)
+    monkeypatch.setattr(crop_resize, "MAX_LEAD", 0)
+    monkeypatch.setattr(crop_resize, "ALIGN_TOLERANCE", 0.0)
     for box, size in crops[:5]:
         pillow = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
-        ours = samples._crop_resize(image, box, size, 1).permute(1, 2, 0)
+        ours = crop_resize.crop_resize(image, box, size, 1).permute(1, 2, 0)
         assert np.array_equal(ours.numpy(), np.asarray(pillow))
 
 
@@ -151,7 +152,7 @@ def test_axis_plans_put_the_grid_on_pils_and_read_every_pixel_it_reads(seed):
     start = rng.uniform(-2, length * 0.6)
     end = rng.uniform(start + 2, length + 2)
     start, end = max(start, 0.0), min(end, float(length))
-    plan = samples._axis_plan(start, end, size, length)
+    plan = crop_resize.axis_plan(start, end, size, length)
     if plan is None:
         return
     first, last, lead, scale = plan
@@ -209,6 +210,14 @@ def test_a_small_reference_keeps_the_full_resolution_a_large_one_does_not():
     small = CropSampler()((400, 300, 700, 600), 2400, 1800, random.Random(0))
     assert decode_scale(image, small, SPEC) == 1  # a 320 px reference needs every pixel
     assert decode_scale(Image.open(io.BytesIO(encoded(photo(40, 30), "PNG"))), geometry, SPEC) == 1
+
+
+def test_a_squashed_crop_keeps_enough_pixels_along_its_short_side():
+    image = Image.open(io.BytesIO(encoded(photo(2400, 1800))))
+    whole = CropGeometry(
+        (0, 0, 2400, 1800), (0, 0, 2400, 1800), (0, 0, 2400, 1800), (0, 0, 2400, 1800)
+    )
+    assert decode_scale(image, whole, SPEC) == 2  # 1800 / 4 rows would be fewer than 512
 
 
 @pytest.mark.parametrize("turn", [1, 6])

@@ -1,15 +1,21 @@
-"""Scale out with config alone: torchrun across two 'nodes', sweeps, SLURM launcher config."""
+"""Scale out with config alone: torchrun across two 'nodes', every rank its own random draws
+(exactly resumable), sweeps, SLURM launcher config."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tests.helpers.config import REPO, TINY
-from tests.helpers.processes import free_port, kill_group, run_train
+from tests.helpers.config import REPO, SMALL_SHARDS, TINY
+from tests.helpers.draws import read_draws
+from tests.helpers.processes import finish, free_port, kill_group, run_train, start_train
 
 SMALL = [
     *TINY,
@@ -148,3 +154,108 @@ def test_jobs_started_by_a_scheduler_resume_their_run_folder_by_default(monkeypa
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "800")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")  # each array task keeps its own folder
     assert run_id() == "slurm-800_3"
+
+
+# -- every rank its own draws ----------------------------------------------------------------
+
+TWO_RANKS = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.precision=32-true",
+    *TINY,
+    "trainer.max_steps=6",
+    "data.batches_per_epoch=3",  # a validation between kill points
+    "data.num_workers=2",  # two loader streams per rank
+    "trainer.deterministic=true",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    *SMALL_SHARDS,
+]
+DRAWS = ("t", "noise", "dropout_probe", "mask_probe", "reference_probe")
+
+
+def recorded(run_dir: Path, *extra: str) -> list[str]:
+    """tests/helpers/draws.py's probe of the draws each rank's steps really use."""
+    return [
+        "+callbacks.draws._target_=tests.helpers.draws.DrawRecorder",
+        f"+callbacks.draws.dirpath={run_dir / 'draws'}",
+        *extra,
+    ]
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, cache_dir, small_shards) -> Path:
+    """An uninterrupted 2-rank run; rank 1's weights are changed before DDP wraps the model."""
+    run_dir = tmp_path_factory.mktemp("two_ranks")
+    args = [*TWO_RANKS, *recorded(run_dir, "+callbacks.draws.perturb_rank=1")]
+    result = run_train([*args, f"hydra.run.dir={run_dir}"], run_dir, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_every_rank_draws_its_own_noise_timesteps_dropout_masks_and_augmentation(two_ranks):
+    zero, one = (read_draws(two_ranks / "draws", rank) for rank in (0, 1))
+    assert sorted(zero) == sorted(one) == list(range(6))
+    for step in range(6):
+        for draw in DRAWS:
+            assert zero[step][draw] != one[step][draw], f"{draw} at step {step}: same on both ranks"
+    for draws in (zero, one):  # and every batch of a rank (both loader streams) anew
+        for draw in DRAWS:
+            assert len({str(record[draw]) for record in draws.values()}) == 6, draw
+        # The steps drew nothing from the global generator (validations between them neither).
+        assert len({record["global_rng"] for record in draws.values()}) == 1
+    weights = [
+        json.loads((two_ranks / "draws" / f"weights_rank{r}.json").read_text()) for r in (0, 1)
+    ]
+    assert weights[0]["built"] == weights[1]["built"]  # one seed, one initialisation
+    # Rank 1's weights were changed before DDP wrapped the model: DDP handed it rank 0's.
+    assert weights[1]["perturbed"] != weights[1]["built"]
+    assert weights[0]["wrapped"] == weights[1]["wrapped"] == weights[0]["built"]
+    assert weights[0]["global_rng"] != weights[1]["global_rng"]  # seeded per rank for training
+
+
+def wait_for_step(
+    process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240
+) -> None:
+    """Until tests.helpers.callbacks.Pace says a rank reached ``step``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if int((run_dir / "step").read_text()) >= step:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.02)
+    kill_group(process)
+    raise AssertionError(f"step {step} not reached (rc {process.returncode})")
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_with_sigkill_resume_with_the_same_draws_and_weights(
+    two_ranks, tmp_path, cache_dir
+):
+    run_dir = tmp_path / "killed"
+    pace = [
+        "+callbacks.pace._target_=tests.helpers.callbacks.Pace",
+        f"+callbacks.pace.dirpath={run_dir}",
+    ]
+    args = [*TWO_RANKS, *recorded(run_dir), f"hydra.run.dir={run_dir}"]
+    process = start_train([*args, *pace], tmp_path, cache_dir)
+    wait_for_step(process, run_dir, 3)
+    os.killpg(process.pid, signal.SIGKILL)  # both ranks and their loader workers, mid-run
+    finish(process)
+    assert 2 <= load_checkpoint(run_dir)["global_step"] < 6
+
+    result = run_train([*args, "ckpt_path=last"], tmp_path, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):  # the resumed steps drew what the uninterrupted run drew
+        assert read_draws(run_dir / "draws", rank) == read_draws(two_ranks / "draws", rank)
+    resumed, expected = load_checkpoint(run_dir), load_checkpoint(two_ranks)
+    assert resumed["global_step"] == expected["global_step"] == 6
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key

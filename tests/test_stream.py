@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from pbe_lightning.data import stream as stream_module
+from pbe_lightning.data.crops import CropSampler
 from pbe_lightning.data.datamodule import expand_urls
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
-from pbe_lightning.data.stream import EpochShards, StreamPosition, TrainStream
+from pbe_lightning.data.stream import EpochShards, StreamPlace, StreamPosition, TrainStream
 from pbe_lightning.demo.dataset import demo_shard_pattern, ensure_demo_dataset
 
 SPEC = SampleSpec(resolution=64, reference_size=32)
@@ -63,6 +64,23 @@ def test_a_stream_resumed_from_a_batchs_state_continues_bit_for_bit(urls, sampli
         position = StreamPosition(next_batch=stop + 1, streams=(state,))
         resumed = list(islice(iter(make_stream(urls, sampling, position)), 14 - stop - 1))
         assert_same_batches(resumed, uninterrupted[stop + 1 :])
+
+
+def test_every_loader_stream_crops_its_own_way_even_from_the_same_records(urls):
+    # Stream = rank x workers + worker: ranks 0 and 1 with one worker each are streams 0 and 1,
+    # as workers 0 and 1 of one rank would be. One shard read in order: the same records.
+    # The demo's scenes are square, which the public code's sampler never crops: ours does.
+    spec = replace(SPEC, crop_sampler=CropSampler(mode="ours"))
+    streams = [
+        TrainStream(urls[:1], spec, 3, seed=5, shuffle_buffer=1, place=StreamPlace(rank, 2))
+        for rank in (0, 1)
+    ]
+    first, second = (next(iter(stream)) for stream in streams)
+    keys = ("shard", "offset", "records")
+    where = [{k: batch["stream_state"].state[k] for k in keys} for batch in (first, second)]
+    assert where[0] == where[1]  # the same records, read the same way
+    assert not torch.equal(first["mask_box"], second["mask_box"])  # cropped differently
+    assert not torch.equal(first["image"], second["image"])
 
 
 def test_a_resumed_stream_reads_only_its_buffer_and_the_shard_in_flight(urls, monkeypatch):

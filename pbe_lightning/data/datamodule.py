@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pbe_lightning.batch_seeds import SEEDS_KEY, BatchSeeds, batch_generator
 from pbe_lightning.data.augment import Augment
 from pbe_lightning.data.crops import BoxFilter, CropSampler
 from pbe_lightning.data.device_decode import decode_batch, is_encoded
@@ -36,6 +37,7 @@ from pbe_lightning.data.stream import (
     TrainStream,
 )
 from pbe_lightning.shutdown import make_worker_deaf
+from pbe_lightning.stops import RunStopped
 
 
 def expand_urls(shards: str | Sequence[str]) -> list[str]:
@@ -61,6 +63,13 @@ def check_local_shards(urls: list[str], option: str) -> None:
             f"{len(missing)} of {len(urls)} shards in {option} do not exist, e.g. {missing[0]}: "
             f"fix the path or pattern ({option}=...), or train on the demo data with data=demo"
         )
+
+
+def stacked(samples: list[dict], key: str) -> torch.Tensor | None:
+    """The samples' ``key`` tensors as one batch, or None when the loader did not make them."""
+    if any(key not in sample for sample in samples):
+        return None
+    return torch.stack([sample[key] for sample in samples])
 
 
 class PreviewSet(Dataset):
@@ -91,13 +100,21 @@ class PreviewSet(Dataset):
             except SkipSample:
                 continue
         if not samples:
-            raise RuntimeError(
-                f"no usable sample among the first {50 * count} records of {urls[:3]}"
+            raise RunStopped(
+                f"no usable sample among the first {50 * count} records of {urls[:3]}: the data "
+                "is broken; check data.val_shards (else data.shards) and the skip warnings"
             )
         generator = torch.Generator().manual_seed(seed)
         boxes = torch.stack([s["object_box"] for s in samples])
         mask_boxes = torch.stack([s["mask_box"] for s in samples])
-        mask = masks(boxes, mask_boxes, spec.resolution, generator=generator)
+        mask = masks(
+            boxes,
+            mask_boxes,
+            spec.resolution,
+            generator=generator,
+            crop_px=stacked(samples, "crop_px"),
+            outline_keep=stacked(samples, "outline_keep"),
+        )
         for sample, sample_mask in zip(samples, mask):
             sample["mask"] = sample_mask
         self.samples = samples
@@ -246,9 +263,18 @@ class PaintByExampleDataModule(L.LightningDataModule):
             batch["stream_state"] = self._in_transfer  # for DataHealth's counts
         self._in_transfer = None
         training = self._has_trainer() and self.trainer.training
+        if training and "stream_state" in batch:
+            batch[SEEDS_KEY] = self._seeds(batch["stream_state"])
         if is_encoded(batch):
             batch = decode_batch(batch, self.spec.resolution, self.spec.reference_size)
         return device_transform(batch, self.masks, self.augment, training)
+
+    def _seeds(self, stream_state: StreamState) -> BatchSeeds:
+        """The seeds of every draw for this batch, on this rank (``pbe_lightning/batch_seeds``).
+
+        The batch's index on this rank resumes with the stream, so a resumed run draws the same.
+        """
+        return BatchSeeds(self.seed, self._place().rank, stream_state.index)
 
     def _note_consumed(self, stream_state: StreamState | None) -> None:
         """In training, a batch handed to the step is consumed: the stream resumes after it."""
@@ -312,16 +338,30 @@ class PaintByExampleDataModule(L.LightningDataModule):
 
 
 def device_transform(batch: dict, masks: MaskGenerator, augment: Augment, training: bool) -> dict:
-    """uint8 crops and boxes -> the model's batch contract, batched on the batch's device."""
+    """uint8 crops and boxes -> the model's batch contract, batched on the batch's device.
+
+    Masks and augmentation draw from the batch's own generators (``batch["seeds"]``, set for
+    training batches), else from torch's global ones.
+    """
     image = batch["image"].float().div_(127.5).sub_(1)  # in place: a 512 px batch is 50 MB
-    size = image.shape[-1]
+    size, device = image.shape[-1], image.device
     mask = batch.get("mask")
     if mask is None:
-        mask = masks(batch["object_box"], batch["mask_box"], size)
+        generator = batch_generator(batch, "mask", device)
+        mask = masks(
+            batch["object_box"],
+            batch["mask_box"],
+            size,
+            generator=generator,
+            crop_px=batch.get("crop_px"),
+            outline_keep=batch.get("outline_keep"),
+        )
     reference = batch["reference"].float().div_(255)
     if training:
-        image, mask = augment.scene(image, mask)
-        reference = augment.reference(reference)
+        image, mask = augment.scene(image, mask, generator=batch_generator(batch, "scene", device))
+        reference = augment.reference(
+            reference, generator=batch_generator(batch, "reference", device)
+        )
     out = dict(batch)
     out.update(image=image, mask=mask, masked_image=image * mask, reference=reference)
     return out

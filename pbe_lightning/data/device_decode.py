@@ -24,10 +24,13 @@ from dataclasses import replace
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from pbe_lightning.data.crop_resize import DISPLAY_TENSOR
 from pbe_lightning.data.crops import Box
-from pbe_lightning.data.samples import DISPLAY_TENSOR, SKIP_REASONS, Encoded
+from pbe_lightning.data.samples import SKIP_REASONS, Encoded
 
 CHUNK_ROWS = 1024
+# What a sample carries besides its pixels: a replaced sample takes all of it from its stand-in.
+PER_SAMPLE_KEYS = ("object_box", "mask_box", "crop_px", "outline_keep", "mask")
 
 # EXIF orientation -> how to show the stored (C, H, W) pixels; the same transposes as
 # samples.DISPLAY_TRANSPOSE (PIL's ROTATE_90 turns counter-clockwise, as torch.rot90 k=1).
@@ -185,12 +188,12 @@ def replace_failed(images: list, references: list, batch: dict) -> None:
         stacklevel=3,
     )
     # Copies: the incoming batch's tensors stay as the loader made them.
-    for key in ("object_box", "mask_box", "mask"):
+    for key in PER_SAMPLE_KEYS:
         if key in batch:
             batch[key] = batch[key].clone()
     for i in failed:
         images[i], references[i] = images[good[0]], references[good[0]]
-        for key in ("object_box", "mask_box", "mask"):
+        for key in PER_SAMPLE_KEYS:
             if key in batch:
                 batch[key][i] = batch[key][good[0]]
     if "stream_state" in batch:

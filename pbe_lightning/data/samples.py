@@ -2,7 +2,7 @@
 
 The worker does the least it can: parse the boxes, draw the crop geometry, decode the JPEG at
 the largest DCT scale both crops allow (PIL ``draft``), in its stored orientation, and crop and
-resize with torch's uint8 antialiased kernel on PIL's fractional-box geometry (``_axis_plan``);
+resize with torch's uint8 antialiased kernel on PIL's fractional-box geometry (``crop_resize.axis_plan``);
 only the small crops are turned as EXIF says. Masks and reference augmentation are batched on
 the accelerator later (``device_transform``).
 
@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
+from pbe_lightning.data.crop_resize import crop_resize
 from pbe_lightning.data.crops import Box, BoxFilter, CropGeometry, CropSampler, choose_box
+from pbe_lightning.data.masks import outline_keep_flags
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # PIL sniffs the content, so a ".jpg" member may hold any format PIL knows. Only these parsers
@@ -50,22 +52,6 @@ DISPLAY_TRANSPOSE = {
 }
 # Orientations 5-8 rotate by 90 degrees: the displayed width is the stored height.
 TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
-# Crops are resized by torch's antialiased bilinear kernel (AVX2 for uint8: 3-8x PIL's time
-# here), which only samples from a whole-pixel start: see ``_axis_plan``. How far its grid may
-# sit from the box's, in input pixels (output pixels when enlarging), and how many extra leading
-# output pixels it may compute to get there; past either, PIL's exact box resize does the crop.
-ALIGN_TOLERANCE = 0.02
-MAX_LEAD = 256
-# A (C, H, W) tensor in the stored orientation -> as displayed (DISPLAY_TRANSPOSE's, in torch).
-DISPLAY_TENSOR = {
-    2: lambda x: x.flip(-1),
-    3: lambda x: x.flip(-2, -1),
-    4: lambda x: x.flip(-2),
-    5: lambda x: x.transpose(-2, -1),
-    6: lambda x: torch.rot90(x, -1, dims=(-2, -1)),
-    7: lambda x: torch.rot90(x, 2, dims=(-2, -1)).transpose(-2, -1),
-    8: lambda x: torch.rot90(x, 1, dims=(-2, -1)),
-}
 # Transparent pixels hold arbitrary colours; show them as a viewer on a white page would.
 ALPHA_BACKGROUND = (255, 255, 255, 255)
 
@@ -319,7 +305,8 @@ def scaled(box: Box, factor: float) -> tuple[float, ...]:
 
 
 def make_sample(record: dict, spec: SampleSpec, rng: random.Random) -> dict:
-    """Shard record -> ``image`` (3,R,R) and ``reference`` (3,S,S) uint8, boxes in the crop.
+    """Shard record -> ``image`` (3,R,R) and ``reference`` (3,S,S) uint8, plus the mask's
+    geometry (``mask_geometry``: boxes in the crop, crop size, outline points kept).
 
     Raises SkipSample with the first reason found, cheapest checks first: json, image header,
     size, boxes against the image, then decoding. With ``spec.decode_on_device`` the sample
@@ -335,16 +322,27 @@ def make_sample(record: dict, spec: SampleSpec, rng: random.Random) -> dict:
         raise SkipSample("too_small", f"{width}x{height} px for {spec.resolution} px crops")
     box = _choose(boxes, width, height, spec, rng)
     geometry = spec.crop_sampler(box, width, height, rng)
-    in_crop = {
-        "object_box": torch.tensor(geometry.in_crop(geometry.object_box), dtype=torch.float32),
-        "mask_box": torch.tensor(geometry.in_crop(geometry.mask_box), dtype=torch.float32),
-    }
+    in_crop = mask_geometry(geometry)
     if spec.decode_on_device and device_decodable(image, raw):
         return {"encoded": Encoded.jpeg(raw, turn, geometry), **in_crop}
     pixels = _decode_crops(image, geometry, spec, turn)
     if spec.decode_on_device:
         return {"encoded": Encoded.pixels(pixels["image"], pixels["reference"]), **in_crop}
     return {**pixels, **in_crop}
+
+
+def mask_geometry(geometry: CropGeometry) -> dict[str, torch.Tensor]:
+    """What the batched mask generator needs of a sample (``pbe_lightning.data.masks``): the
+    boxes normalised to the crop, the crop's size in source pixels (the hole's outline is
+    jittered, and its edge softened, in source pixels) and which of the public code's outline
+    points it keeps (worked out here: it compares float64 values exactly)."""
+    keep = outline_keep_flags(geometry.object_box, geometry.mask_box)
+    return {
+        "object_box": torch.tensor(geometry.in_crop(geometry.object_box), dtype=torch.float32),
+        "mask_box": torch.tensor(geometry.in_crop(geometry.mask_box), dtype=torch.float32),
+        "crop_px": torch.tensor(geometry.crop_size, dtype=torch.float32),
+        "outline_keep": torch.tensor(keep, dtype=torch.bool),
+    }
 
 
 def device_decodable(image: Image.Image, raw: bytes) -> bool:
@@ -366,8 +364,8 @@ def _decode_crops(
     reference = stored_box(geometry.reference_box, turn, width, height)
     image, factor = decode_rgb(image, decode_scale(image, geometry, spec))
     return {
-        "image": _crop_resize(image, scaled(crop, factor), spec.resolution, turn),
-        "reference": _crop_resize(image, scaled(reference, factor), spec.reference_size, turn),
+        "image": crop_resize(image, scaled(crop, factor), spec.resolution, turn),
+        "reference": crop_resize(image, scaled(reference, factor), spec.reference_size, turn),
     }
 
 
@@ -385,94 +383,11 @@ def _choose(boxes: list[Box], width: int, height: int, spec: SampleSpec, rng: ra
 def decode_scale(image: Image.Image, geometry: CropGeometry, spec: SampleSpec) -> int:
     """The largest JPEG DCT scale (1, 2, 4 or 8) at which both crops still have at least their
     output's pixels across: the scene crop ``resolution``, the reference box ``reference_size``
-    on its short side. A reference that needs the full resolution gets it."""
+    on its short side. A reference that needs the full resolution gets it. A squashed crop
+    (the whole image, not square) counts by its short side."""
     if not isinstance(image, JpegImagePlugin.JpegImageFile):
         return 1
-    crop_side = geometry.crop[2] - geometry.crop[0]
+    crop_side = min(geometry.crop_size)
     rx0, ry0, rx1, ry1 = geometry.reference_box
     room = min(crop_side / spec.resolution, min(rx1 - rx0, ry1 - ry0) / spec.reference_size)
     return next((s for s in (8, 4, 2) if room >= s), 1)
-
-
-def _crop_resize(image: Image.Image, box: tuple[float, ...], size: int, turn: int) -> torch.Tensor:
-    """``box`` (stored-orientation pixels, fractional) of RGB ``image`` resized to ``size`` with
-    PIL's bilinear box filter, shown as the EXIF ``turn`` says: (3, size, size) uint8."""
-    # Float rounding in the scale factor can put an edge a hair past the image; PIL refuses it.
-    x0, y0, x1, y1 = box
-    box = (max(x0, 0.0), max(y0, 0.0), min(x1, image.width), min(y1, image.height))
-    out = _torch_crop_resize(image, box, size)
-    if out is None:
-        region = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
-        out = torch.from_numpy(np.array(region)).permute(2, 0, 1)
-    return DISPLAY_TENSOR[turn](out) if turn in DISPLAY_TENSOR else out
-
-
-def _torch_crop_resize(image: Image.Image, box: Box, size: int) -> torch.Tensor | None:
-    """PIL's ``resize(box=box)`` with torch's kernel, or None where it cannot place its grid
-    within ALIGN_TOLERANCE of PIL's (contiguous (3, size, size) uint8)."""
-    across = _axis_plan(box[0], box[2], size, image.width)
-    down = _axis_plan(box[1], box[3], size, image.height)
-    if across is None or down is None:
-        return None
-    (left, right, lead_x, scale_x), (top, bottom, lead_y, scale_y) = across, down
-    region = _region(image, top, bottom, left, right)
-    if region is None:
-        return None
-    out = torch.ops.aten._upsample_bilinear2d_aa(
-        region, [lead_y + size, lead_x + size], False, 1 / scale_y, 1 / scale_x
-    )
-    return out[0, :3, lead_y:, lead_x:].contiguous()
-
-
-def _axis_plan(
-    start: float, end: float, size: int, length: int
-) -> tuple[int, int, int, float] | None:
-    """Where torch's kernel must read along one axis to sample ``[start, end)`` of ``length``
-    pixels onto ``size`` pixels as PIL's box resize does: ``(first, last, lead, scale)``.
-
-    Both place output ``i``'s triangle filter (radius ``max(scale, 1)`` input pixels) at
-    ``start + scale * (i + 0.5)``, but torch counts from the first pixel it is given, a whole
-    one. So it is given pixels from ``first = start - scale * lead`` on, an integer within
-    ALIGN_TOLERANCE for some ``lead``, and its first ``lead`` outputs are dropped. ``first``
-    may be negative: edge pixels repeat there (only outputs whose filter crosses the image
-    edge see them; PIL instead reweights the pixels inside). None where no lead up to
-    MAX_LEAD works, e.g. a scale of a simple fraction and an unlucky start.
-    """
-    scale = (end - start) / size
-    radius = max(scale, 1.0)
-    tolerance = ALIGN_TOLERANCE * min(scale, 1.0)
-    # PIL's first tap for output 0 (0 if the filter crosses the edge), and its last for the
-    # last output, plus one pixel: the kernel's grid sits up to ``tolerance`` off PIL's.
-    first_tap = max(math.floor(start + 0.5 * scale - radius + 0.5), 0)
-    last = min(length, math.floor(end - 0.5 * scale + radius + 0.5) + 1)
-    for lead in range(MAX_LEAD + 1):
-        origin = start - scale * lead
-        first = round(origin)
-        if abs(origin - first) <= tolerance and (first < first_tap or first == first_tap == 0):
-            return first, last, lead, scale
-    return None
-
-
-def _region(
-    image: Image.Image, top: int, bottom: int, left: int, right: int
-) -> torch.Tensor | None:
-    """Rows ``top:bottom`` and columns ``left:right`` of RGB ``image`` as a contiguous
-    (1, 4, h, w) channels-last uint8 tensor (RGB and a spare byte: what the kernel reads
-    without another copy); rows and columns before the image repeat its edge.
-
-    One copy, by PIL's paste into an RGBX image that ``frombuffer`` maps onto the array's
-    memory: PIL keeps RGB as 4 bytes a pixel, so rows are copied as they are, where
-    ``np.asarray`` packs the whole image to 3 bytes a pixel and joins chunks (~1 ms a
-    megapixel). The core ``paste`` is called because ``Image.paste`` would copy a mapped
-    (read-only) image first; it copies the part of the image inside the region. None if PIL
-    did not map the array (it marks mapped images read-only), so nothing would land there.
-    """
-    pixels = np.empty((bottom - top, right - left, 4), np.uint8)
-    target = Image.frombuffer("RGBX", (right - left, bottom - top), pixels, "raw", "RGBX", 0, 1)
-    if not target.readonly:
-        return None
-    target.im.paste(image.im, (-left, -top, image.width - left, image.height - top))
-    pad_top, pad_left = max(-top, 0), max(-left, 0)
-    pixels[:pad_top, pad_left:] = pixels[pad_top, pad_left:]
-    pixels[:, :pad_left] = pixels[:, pad_left : pad_left + 1]
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None]

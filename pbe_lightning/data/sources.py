@@ -57,13 +57,14 @@ def openimages_items(
     images: PathArg,
     *,
     classes: PathArg | None = None,
-    keep_group_boxes: bool = False,
+    keep_group_boxes: bool = True,
     dropped: Counter | None = None,
 ) -> Iterator[Item]:
     """OpenImages v6/v7 box CSV rows of ``{images}/{ImageID}.jpg``, grouped by ImageID (the
     official CSVs are sorted), streamed: 14M rows stay on disk. ``classes``: the
-    class-descriptions CSV (display names instead of /m/ ids); IsGroupOf boxes are dropped
-    unless ``keep_group_boxes``."""
+    class-descriptions CSV (display names instead of /m/ ids). IsGroupOf boxes (one box around
+    several objects of a class) are kept, as Paint by Example trained on them; with
+    ``keep_group_boxes=False`` they are dropped and counted in ``dropped["group_of"]``."""
     dropped = Counter() if dropped is None else dropped
     names = read_class_names(classes) if classes else {}
     keys, images = KeyMaker(), Path(images)

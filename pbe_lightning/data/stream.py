@@ -33,6 +33,7 @@ from pbe_lightning.data.ledger import SkipLedger
 from pbe_lightning.data.remote import open_shard
 from pbe_lightning.data.samples import SKIP_REASONS, SampleSpec, SkipSample, make_sample
 from pbe_lightning.shutdown import signals_held
+from pbe_lightning.stops import DataBroken
 
 SAMPLING = ("resampled", "epochs")
 DEFAULT_SOURCE_TIMEOUT_S = 120.0
@@ -218,7 +219,7 @@ class RecordSource:
         )
         if self._unreadable_in_a_row > self.give_up_after or dead:
             why = why or "no records"
-            raise RuntimeError(
+            raise DataBroken(
                 f"the last {self._unreadable_in_a_row} shards read were all corrupt, "
                 f"unreadable or empty, e.g. {url}: {why}; check data.shards"
             )
@@ -407,7 +408,7 @@ class TrainStream(IterableDataset):
             index += 1
             read += 1
             if read > self.give_up_after:
-                raise RuntimeError(
+                raise DataBroken(
                     f"{read} records in a row from {self.urls[:3]}... gave no usable sample "
                     f"(skips by reason: {dict(zip(SKIP_REASONS, skipped.tolist()))}): the data "
                     "is broken; inspect a few records and the first skip warning of each reason"

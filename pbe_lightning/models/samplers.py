@@ -21,11 +21,30 @@ from diffusers import (
 
 from pbe_lightning.models.backbone import vae_downscale
 
+# set_alpha_to_one=False: the last step's "previous" alpha is alphas_cumprod[0], as in the
+# public code's PLMS/DDIM samplers and Stable Diffusion's released scheduler configs.
 SAMPLERS = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # else set_timesteps(n) runs more than n
+    "ddim": (DDIMScheduler, {"set_alpha_to_one": False}),
+    # skip_prk_steps: else set_timesteps(n) runs more than n steps
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True, "set_alpha_to_one": False}),
     "dpm": (DPMSolverMultistepScheduler, {}),
 }
+
+
+# How the pixel mask becomes the UNet's mask channel. bilinear: the public Paint-by-Example
+# code's (torchvision Resize on a tensor: bilinear, no antialiasing), which samples the middle
+# of each latent cell and keeps a soft edge; nearest: diffusers' pipeline's, which samples
+# each cell's top-left pixel and is 0 or 1.
+LATENT_MASK_MODES = ("bilinear", "nearest")
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str) -> torch.Tensor:
+    """``(B, 1, H, W)`` pixel mask -> ``(B, 1, *size)`` for the UNet's mask channel."""
+    if mode not in LATENT_MASK_MODES:
+        raise ValueError(f"model.latent_mask={mode!r}: use bilinear or nearest")
+    if mode == "nearest":
+        return F.interpolate(mask, size=size)
+    return F.interpolate(mask, size=size, mode="bilinear", align_corners=False, antialias=False)
 
 
 def make_sampler(name: str, training_scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -71,15 +90,17 @@ def paint(
     guidance_scale: float = 5.0,
     generator: torch.Generator | None = None,
     eta: float = 0.0,
+    mask_mode: str = "nearest",
 ) -> torch.Tensor:
-    """Paint the holes (``mask`` EDIT = 0) guided by ``context``; returns images in [-1, 1]."""
+    """Paint the holes (``mask`` EDIT = 0) guided by ``context``; returns images in [-1, 1].
+    ``mask_mode``: how the mask is resized to the latents (``latent_mask``)."""
     batch, device = masked_image.shape[0], masked_image.device
     height, width = (side // vae_downscale(vae) for side in masked_image.shape[-2:])
     shape = (batch, vae.config.latent_channels, height, width)
     scheduler.set_timesteps(steps, device=device)
     latents = torch.randn(shape, generator=generator, device=device, dtype=unet.dtype)
     latents = latents * scheduler.init_noise_sigma
-    mask_latent = F.interpolate(mask.to(unet.dtype), size=shape[-2:])
+    mask_latent = latent_mask(mask.to(unet.dtype), shape[-2:], mask_mode)
     masked_latents = encode_latents(vae, masked_image, generator).to(unet.dtype)
     guided = guidance_scale > 1.0
     if guided:

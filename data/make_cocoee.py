@@ -7,9 +7,10 @@ category in a DIFFERENT image. Deterministic given ``--seed``.
     python data/make_cocoee.py --annotations instances_val2017.json --images val2017 \\
         --out cocoee --count 3500 --seed 0
 
-Writes ``source/``, ``mask/``, ``reference/`` and ``manifest.json`` under ``--out``. Boxes in
-the manifest are integer pixels ``[x0, y0, x1, y1]``, end exclusive (COCO's float boxes are
-rounded outwards so the mask covers the whole object).
+Writes ``source/``, ``mask/``, ``reference/`` and ``manifest.json`` under ``--out`` (evaluate.py
+reads this layout, and COCOEE as its authors release it: ``GT_3500/``, ``Ref_3500/``,
+``Mask_bbox_3500/``). Boxes in the manifest are integer pixels ``[x0, y0, x1, y1]``, end
+exclusive (COCO's float boxes are rounded outwards so the mask covers the whole object).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Used by the command lines ``python -m pbe_lightning.edit`` and ``python evaluate
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from pbe_lightning.models.module import PaintByExampleModule
 
 log = logging.getLogger(__name__)
 DEFAULT_RESOLUTION = 512
+# Painting precision: autocast to a 16-bit type (weights stay float32), or none.
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -55,6 +58,26 @@ def load_editor(
     if resolution % multiple:
         raise ValueError(f"resolution={resolution} must be a multiple of {multiple} for this model")
     return module, resolution
+
+
+def painting_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` (``fp16``, the public scripts' painting, or ``bf16``) on
+    ``device``; nothing for ``fp32``."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def speed_up(module: PaintByExampleModule, channels_last: bool, compile: bool) -> None:
+    """Channels-last UNet and VAE (faster convolutions on tensor cores), and/or a compiled UNet
+    (in place: parameters and state-dict keys stay the UNet's). Either changes the order of
+    float operations, so pixels may differ in the last bits."""
+    if channels_last:
+        module.unet.to(memory_format=torch.channels_last)
+        module.vae.to(memory_format=torch.channels_last)
+    if compile:
+        module.unet.compile()
 
 
 # --- images <-> the batch contract ------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""evaluate.py on a tiny COCOEE benchmark: metrics, grid, resumability, per-item seeding."""
+"""evaluate.py on tiny COCOEE benchmarks, in our layout and in the released one: metrics, grid,
+resumability, per-item seeding."""
 
 from __future__ import annotations
 
@@ -16,16 +17,23 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
+from pbe_lightning.benchmark import read_items
 from pbe_lightning.demo.dataset import demo_scene
 from pbe_lightning.demo.tiny_models import tiny_clip_folder
 from pbe_lightning.evaluate import evaluate
+from pbe_lightning.images import mask_bounding_box, read_image
 from pbe_lightning.metrics import (
     ClipFeatures,
     fit_quality_model,
     folder_features,
+    frechet_distance,
+    load_quality_model,
+    region_clip_scores,
     save_quality_model,
 )
+from pbe_lightning.metrics.cli import main as metrics_main
 from tests.helpers.config import CONF, REPO
+from tests.helpers.mixtures import SKLEARN, pickled_as
 
 spec = importlib.util.spec_from_file_location("make_cocoee", REPO / "data" / "make_cocoee.py")
 make_cocoee = importlib.util.module_from_spec(spec)
@@ -76,7 +84,7 @@ def setup(tmp_path_factory, cache_dir, tiny_checkpoint) -> dict:
         "steps=2",
         "batch_size=2",
     ]
-    return {"root": root, "args": args, "qs": root / "qs.npz"}
+    return {"root": root, "args": args, "qs": root / "qs.npz", "real": real, "clip_arch": clip_arch}
 
 
 def eval_config(out: Path, *overrides: str) -> DictConfig:
@@ -153,3 +161,125 @@ def test_inception_fid_needs_torch_fidelity(setup):
     with pytest.raises(ModuleNotFoundError, match="torch-fidelity"):
         evaluate(cfg)
     assert not (out / "edits").exists()  # refused before any painting
+
+
+# --- COCOEE as released ----------------------------------------------------------------------
+RELEASED_IDS = ("000000000139", "000000000285", "000000000632", "000000001000")
+
+
+def build_released(root: Path, size: int = 72) -> Path:
+    """A folder in the released layout, real PNGs: GT_3500/<id>_GT.png (square sources),
+    Ref_3500/<id>_ref.png (crops of other scenes), Mask_bbox_3500/<id>_mask.png (white box)."""
+    folders = {name: root / name for name in ("GT_3500", "Ref_3500", "Mask_bbox_3500")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    for k, item_id in enumerate(RELEASED_IDS):
+        demo_scene(np.random.default_rng([4, k]), size)[0].save(
+            folders["GT_3500"] / f"{item_id}_GT.png"
+        )
+        other = demo_scene(np.random.default_rng([6, k]), 96)[0]
+        other.crop((10 + k, 20, 60 + 3 * k, 80)).save(folders["Ref_3500"] / f"{item_id}_ref.png")
+        mask = Image.new("L", (size, size))
+        mask.paste(255, (8 + 4 * k, 12, 40 + 5 * k, 50))
+        mask.save(folders["Mask_bbox_3500"] / f"{item_id}_mask.png")
+    (folders["GT_3500"] / "Thumbs.db").write_bytes(b"not an item")
+    return root
+
+
+@pytest.fixture(scope="module")
+def released(setup) -> dict:
+    """The released layout scored with the paper's metrics, QS from an imported mixture."""
+    root = setup["root"] / "released"
+    bench = build_released(root / "COCOEE")
+    clip_arch = setup["clip_arch"]
+    fitted = fit_quality_model(folder_features(setup["real"], ClipFeatures.load(clip_arch)), k=2)
+    state = {
+        "covariance_type": "full",
+        "weights_": fitted.weights,
+        "means_": fitted.means,
+        "precisions_cholesky_": fitted.precisions_cholesky,
+    }
+    (root / "gmm.pkl").write_bytes(pickled_as(SKLEARN, "GaussianMixture", state, 4))
+    metrics_main(
+        [
+            "import-gmm",
+            str(root / "gmm.pkl"),
+            "--out",
+            str(root / "qs_gmm.npz"),
+            "--clip",
+            clip_arch,
+        ]
+    )
+    args = [a for a in setup["args"] if not a.startswith("benchmark=")]
+    args += [f"benchmark={bench}", f"qs_model={root / 'qs_gmm.npz'}"]
+    out = root / "run"
+    report = evaluate(eval_config(out, *args))
+    return {
+        "bench": bench,
+        "out": out,
+        "args": args,
+        "qs_model": root / "qs_gmm.npz",
+        "report": report,
+    }
+
+
+def test_the_released_layout_is_painted_and_every_item_scored(setup, released):
+    out, report, bench = released["out"], released["report"], released["bench"]
+    assert report["counts"]["items"] == report["counts"]["painted_this_run"] == len(RELEASED_IDS)
+    assert sorted(p.name for p in (out / "edits").glob("*.png")) == [
+        f"{i}.png" for i in RELEASED_IDS
+    ]
+    paper = {"fid_clip", "qs", "clip_score"}
+    assert set(report["metrics"]) == paper | {"exemplar_following", "shape_following", "leakage"}
+    # COCOEE records no exemplar's truth: those are null, and say why.
+    assert set(report["skipped"]) == set(report["metrics"]) - paper
+    assert all(report["metrics"][k] is None for k in report["skipped"])
+    assert "no ground truth" in report["skipped"]["exemplar_following"]
+    assert 0 <= report["metrics"]["qs"] <= 100
+    # Every item is in the numbers: rescored here from the files, independently of evaluate
+    # (CLIP in other batch sizes: float32 sums in another order, hence rel=1e-4).
+    clip = ClipFeatures.load(setup["clip_arch"])
+    real, edits = folder_features(setup["real"], clip), folder_features(out / "edits", clip)
+    assert report["metrics"]["fid_clip"] == pytest.approx(frechet_distance(real, edits), rel=1e-4)
+    per_item = region_clip_scores(
+        [read_image(out / "edits" / f"{i}.png") for i in RELEASED_IDS],
+        [
+            mask_bounding_box(Image.open(bench / "Mask_bbox_3500" / f"{i}_mask.png"))
+            for i in RELEASED_IDS
+        ],
+        [read_image(bench / "Ref_3500" / f"{i}_ref.png") for i in RELEASED_IDS],
+        clip,
+    )
+    assert report["metrics"]["clip_score"] == pytest.approx(sum(per_item) / len(per_item), rel=1e-6)
+    model = load_quality_model(released["qs_model"])
+    lls = model.log_likelihood(edits)
+    assert report["metrics"]["qs"] == pytest.approx(100 * np.clip(lls / 300, 0, 1).mean(), rel=1e-4)
+    # The paper's painting: PLMS (pndm), fp16 autocast, the raw decoded output.
+    settings = json.loads((out / "edits" / "settings.json").read_text())
+    assert (settings["sampler"], settings["precision"], settings["paste_back"]) == (
+        "pndm",
+        "fp16",
+        False,
+    )
+
+    again = evaluate(eval_config(out, *released["args"]))  # resumable: nothing painted again
+    assert again["counts"]["painted_this_run"] == 0 and again["metrics"] == report["metrics"]
+
+
+def test_the_defaults_are_the_papers_evaluation(tmp_path):
+    cfg = eval_config(tmp_path, "ckpt_path=x.ckpt", "benchmark=COCOEE", "real_images=test_set_GT")
+    assert list(cfg.metrics) == ["fid_clip", "qs", "clip_score"]
+    assert cfg.clip.arch == "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32
+    painting = (cfg.sampler, cfg.steps, cfg.guidance_scale, cfg.precision, cfg.paste_back)
+    assert painting == ("pndm", 50, 5.0, "fp16", False)  # PLMS, 50, 5, fp16, raw output
+
+
+def test_a_folder_of_neither_layout_says_what_a_benchmark_holds(tmp_path):
+    build_released(tmp_path / "download" / "test_bench")
+    with pytest.raises(FileNotFoundError, match=r"did you mean benchmark=.*test_bench\?\)"):
+        read_items(tmp_path / "download")
+    with pytest.raises(FileNotFoundError, match="GT_3500/, Ref_3500/, Mask_bbox_3500/"):
+        read_items(tmp_path)
+    (tmp_path / "download" / "test_bench" / "Ref_3500" / f"{RELEASED_IDS[1]}_ref.png").unlink()
+    with pytest.raises(FileNotFoundError, match=f"Ref_3500/{RELEASED_IDS[1]}_ref.png"):
+        read_items(tmp_path / "download" / "test_bench")

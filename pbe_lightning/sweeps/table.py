@@ -18,7 +18,9 @@ from pbe_lightning.sweeps.errors import SummaryError
 from pbe_lightning.sweeps.job import Job
 
 DEFAULT_METRICS = ("val/fid_clip", "val/loss")  # the first one any job logs
-HIGHER_IS_BETTER = ("clip_score", "qs", "score", "acc", "accuracy", "psnr", "ssim")
+HIGHER_IS_BETTER = (
+    "clip_score", "qs", "score", "acc", "accuracy", "psnr", "ssim", "following",  # *_following
+)
 
 Point = tuple[int, float]  # (steps done, value)
 

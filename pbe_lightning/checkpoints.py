@@ -6,6 +6,10 @@ run folder (node-local /tmp or tmpfs vs shared storage) the final "move" is a co
 truncates ``last.ckpt`` first, nothing is fsynced, and a kill there leaves a 0-byte
 ``last.ckpt``. ``AtomicCheckpointIO`` writes the temp file next to the final path and renames
 it, so a reader sees the old file or the new one, never half of one.
+
+Reading: every checkpoint read here, and Lightning's own resume load (``AtomicCheckpointIO``),
+goes through ``safe_load.load_checkpoint``: tensors and plain values only, or a one-line refusal
+before anything in the file runs. What train.py writes loads that way (tested per kind).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from pbe_lightning.disk_full import disk_full, out_of_space
+from pbe_lightning.safe_load import load_checkpoint
 from pbe_lightning.shutdown import SHUTDOWN
+from pbe_lightning.stops import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,10 @@ def fsync_folder(folder: Path) -> None:
 
 
 def save_atomically(checkpoint: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, rename over ``path``, fsync."""
+    """``torch.save`` to a temp file beside ``path``, fsync, rename over ``path``, fsync.
+
+    A full disk or quota raises ``DiskFull`` (one line: the disk, the fix); the temp file is
+    removed and ``path`` keeps its previous content."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     _writing.add(temp)
@@ -58,6 +68,12 @@ def save_atomically(checkpoint: dict[str, Any], path: Path) -> None:
             os.fsync(file.fileno())
         os.replace(temp, path)
         fsync_folder(path.parent)
+    except Exception as error:
+        if not out_of_space(error, path.parent):  # asked while the temp file still fills it
+            raise
+        kept = path.exists()
+        temp.unlink(missing_ok=True)
+        raise disk_full(path, checkpoint, kept) from error
     finally:
         temp.unlink(missing_ok=True)
         _writing.discard(temp)
@@ -66,7 +82,19 @@ def save_atomically(checkpoint: dict[str, Any], path: Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with atomic local writes (object stores keep fsspec's put,
-    which is atomic there: an object appears whole or not at all)."""
+    which is atomic there: an object appears whole or not at all), and safe reads.
+
+    Lightning 2.6 resumes with ``torch.load(weights_only=None)``: torch's default, which
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into ``weights_only=False``. Here a local
+    resume is read by ``load_checkpoint``: weights only, unless the user trusts the file.
+    """
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = "cpu", weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path):  # an object store: Lightning's reader, weights only
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint(path, map_location=map_location)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
@@ -95,7 +123,9 @@ def unreadable_reason(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "0 bytes (a write that never finished)"
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = load_checkpoint(path, mmap=True)
+    except RunStopped:  # a file that would run code is refused, never skipped for an older one
+        raise
     except Exception as error:  # zip, pickle and OS errors all mean "cannot resume from it"
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -103,7 +133,7 @@ def unreadable_reason(path: Path) -> str | None:
     return None
 
 
-class NoReadableCheckpoint(RuntimeError):
+class NoReadableCheckpoint(RunStopped):
     pass
 
 
@@ -147,14 +177,27 @@ def architecture_differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
-def check_same_architecture(path: Path, current: dict, allow_change: bool) -> None:
-    """Stop before training when ``path`` was trained with another architecture.
+def saved_architecture(path: Path) -> dict | None:
+    """The architecture ``path`` was trained with (cheap: memory-mapped); None for checkpoints
+    from before it was recorded. Read before the model is built, so that a checkpoint that
+    would run code is refused at once."""
+    checkpoint = load_checkpoint(path, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise RunStopped(
+            f"cannot resume {path}: not a Lightning checkpoint written by train.py (no "
+            "state_dict); pass another ckpt_path"
+        )
+    return checkpoint.get("pbe_architecture")
+
+
+def check_same_architecture(
+    path: Path, saved: dict | None, current: dict, allow_change: bool
+) -> None:
+    """Stop before training when ``path`` was trained (``saved``) with another architecture.
 
     Same-shaped weights (``bottleneck=cls`` vs ``tokens``) would otherwise load and train,
     silently wrong; differently shaped ones fail late with a long state-dict error.
     """
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    saved = checkpoint.get("pbe_architecture")
     if saved is None:
         log.warning("%s records no architecture (an older checkpoint): not checked", path)
         return
@@ -164,7 +207,7 @@ def check_same_architecture(path: Path, current: dict, allow_change: bool) -> No
     if allow_change:
         log.warning("resuming %s with a different architecture: %s", path, "; ".join(differences))
         return
-    raise ValueError(
+    raise RunStopped(
         f"cannot resume {path}: it was trained with another architecture ("
         + "; ".join(differences)
         + "). Restore those settings to continue that run, use a new run folder for a new "

@@ -10,6 +10,10 @@ not fit in a square inside it is used whole, resized (and resized back). Without
 it, the full photo in which only the masked pixels change. Save as PNG to keep the unmasked
 pixels exact (JPEG re-encodes all of them).
 
+The checkpoint is read weights-only: one holding other objects (a tampered download) is
+refused before anything in it runs; ``--trust-checkpoint`` loads it anyway, which lets it run
+code: only for files whose origin you trust. Every argument mistake is listed at once.
+
 From Python: ``pbe_lightning.inference`` (``load_editor``, ``edit_photo``) and
 ``pbe_lightning.images`` (``read_image``, ``read_user_mask``, ``save_atomically``).
 """
@@ -18,13 +22,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
 
 from pbe_lightning.images import read_image, read_user_mask, save_atomically
 from pbe_lightning.inference import edit_photo, load_editor, pick_device
 from pbe_lightning.models.samplers import SAMPLERS
+from pbe_lightning.safe_load import trusted_files
+from pbe_lightning.stops import RunStopped, stops_as_errors
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pbe_lightning.edit",
         description=__doc__,
@@ -44,14 +53,52 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--context", type=float, default=0.3, help="margin / mask box side")
     parser.add_argument("--resolution", type=int, default=None, help="default: the training one")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    try:
-        photo = read_image(args.image, upright=True)
-        user_mask = read_user_mask(args.mask, (photo.shape[-1], photo.shape[-2]))
-        example = read_image(args.example, upright=True)
-        module, resolution = load_editor(args.ckpt, pick_device(args.device), args.resolution)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a checkpoint that holds more than tensors (weights_only=False): it can run "
+        "code from the file, so only for a file whose origin you trust",
+    )
+    return parser
+
+
+def argument_problems(args: argparse.Namespace) -> list[str]:
+    """Every argument that cannot work, one line each naming the flag and the fix."""
+    problems = [
+        f"--{flag} {getattr(args, flag)}: no such file"
+        for flag in ("ckpt", "image", "mask", "example")
+        if not Path(getattr(args, flag)).is_file()
+    ]
+    numbers = (
+        ("steps", args.steps >= 1, "a whole number >= 1, e.g. --steps 50"),
+        ("guidance", args.guidance >= 0, "a number >= 0, e.g. --guidance 5 (1: no guidance)"),
+        ("feather", args.feather >= 0, "a number of pixels >= 0"),
+        ("context", args.context >= 0, "a fraction of the mask box >= 0, e.g. --context 0.3"),
+        ("resolution", (args.resolution or 1) >= 1, "a number of pixels, or leave it out"),
+    )
+    problems += [
+        f"--{flag} {getattr(args, flag)} must be {must}" for flag, ok, must in numbers if not ok
+    ]
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        problems.append(f"--out {args.out}: name an image file, e.g. edited.png")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    with stops_as_errors():
+        problems = argument_problems(args)
+        if problems:
+            raise RunStopped("\n".join(problems))
+        try:
+            photo = read_image(args.image, upright=True)
+            user_mask = read_user_mask(args.mask, (photo.shape[-1], photo.shape[-2]))
+            example = read_image(args.example, upright=True)
+            with trusted_files(args.ckpt if args.trust_checkpoint else None):
+                device = pick_device(args.device)
+                module, resolution = load_editor(args.ckpt, device, args.resolution)
+        except (FileNotFoundError, ValueError) as error:  # unreadable images, a bad mask
+            raise RunStopped(str(error)) from None
     options = ("steps", "guidance", "seed", "sampler", "paste_back", "feather", "context")
     edited = edit_photo(
         module, resolution, photo, user_mask, example, **{k: getattr(args, k) for k in options}

@@ -10,7 +10,14 @@
 ``.ckpt`` holds ``{"state_dict": tensors}``, what the official repository's scripts
 ``torch.load``. Both go back into training with ``experiment=finetune model.init_from=FILE``.
 
+Both hold Paint-by-Example's CLIP ViT exemplar tower: a model trained with another tower
+(``model.encoder.family=siglip|dinov2``) is refused in one line; its Lightning checkpoint is
+what ``edit`` and ``evaluate.py`` read.
+
 ``--ema`` exports the EMA weights a run trained with ``callbacks=ema`` stored in its checkpoint.
+
+The checkpoint is read weights-only (``safe_load``): one holding other objects is refused before
+anything in it runs; ``--trust-checkpoint`` loads it anyway, which lets it run code.
 
 ``--wandb-artifact [NAME]`` then logs the export as a W&B artifact of type ``model`` (default
 name ``pipeline-<training run id>`` or ``official-<training run id>``, ``-ema`` added; aliases
@@ -33,9 +40,11 @@ from safetensors.torch import save_file
 
 from pbe_lightning.callbacks.ema import EMA_KEY
 from pbe_lightning.convert.official import to_official_layout
-from pbe_lightning.convert.pipeline import build_pipeline, save_pipeline
+from pbe_lightning.convert.pipeline import build_pipeline, check_clip_family, save_pipeline
 from pbe_lightning.models.build import load_trained
 from pbe_lightning.models.module import PaintByExampleModule
+from pbe_lightning.safe_load import load_checkpoint, trusted_files
+from pbe_lightning.stops import RunStopped, stops_as_errors
 from pbe_lightning.utils.loggers import log_export_artifact
 
 FORMATS = ("diffusers", "official")
@@ -82,7 +91,7 @@ def _replacements(
     if not ema:
         return {}
     if checkpoint is None:
-        raise ValueError("ema=True needs the training checkpoint (checkpoint=torch.load(...))")
+        raise ValueError("ema=True needs the training checkpoint (checkpoint=load_checkpoint(...))")
     return ema_weights(module, checkpoint)
 
 
@@ -122,6 +131,7 @@ def export_official(
             f"cannot write the official layout to {out}: name a {OFFICIAL_SUFFIXES} file "
             "(e.g. --out model.safetensors)"
         )
+    check_clip_family(module.encoder, "the official single-file layout")
     replace = _replacements(module, ema, checkpoint)
     state = to_official_layout(module.unet, module.vae, module.encoder, replace=replace)
     # safetensors takes neither strided views nor tensors sharing memory.
@@ -143,15 +153,13 @@ def export_checkpoint(
         raise ValueError(f"unknown export format {format!r}: use one of {FORMATS}")
     module = load_trained(str(ckpt))
     # mmap: only the EMA tensors are read, not a second copy of the whole checkpoint.
-    checkpoint = (
-        torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True) if ema else None
-    )
+    checkpoint = load_checkpoint(ckpt, mmap=True) if ema else None
     if format == "official":
         return export_official(module, out, ema=ema, checkpoint=checkpoint)
     return export_pipeline(module, out, ema=ema, checkpoint=checkpoint)
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pbe_lightning.export",
         description=(
@@ -183,27 +191,48 @@ def main(argv: list[str] | None = None) -> None:
         "id> or official-<run id>) from a job_type=export run in the training run's group; "
         "offline when the training run was or WANDB_MODE=offline",
     )
-    args = parser.parse_args(argv)
-    if not Path(args.ckpt).is_file():
-        parser.error(f"no checkpoint at {args.ckpt}")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a checkpoint that holds more than tensors (weights_only=False): it can run "
+        "code from the file, so only for a file whose origin you trust",
+    )
+    return parser
+
+
+def argument_problems(args: argparse.Namespace) -> list[str]:
+    """Every argument that cannot work, one line each naming the flag and the fix."""
+    problems = [] if Path(args.ckpt).is_file() else [f"--ckpt {args.ckpt}: no such file"]
     suffix = Path(args.out).suffix
     if args.format == "official" and suffix not in OFFICIAL_SUFFIXES:
-        parser.error(
+        problems.append(
             f"--out {args.out}: --format official writes one file, name it *.safetensors "
             "(the tensors) or *.ckpt (a state_dict, for the official repository's scripts)"
         )
     if args.format == "diffusers" and suffix in OFFICIAL_SUFFIXES:
-        parser.error(
+        problems.append(
             f"--out {args.out} names a file, the diffusers format writes a folder: "
             "add --format official for the single-file layout, or name a folder"
         )
-    out = export_checkpoint(args.ckpt, args.out, args.ema, args.format)
-    print(f"exported {args.ckpt} -> {out} ({args.format})")
-    if args.wandb_artifact is not None:
-        name, run = log_export_artifact(
-            out, args.ckpt, args.format, args.ema, args.wandb_artifact or None
-        )
-        print(f"logged W&B artifact {name} from the run in {run}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    with stops_as_errors(), trusted_files(args.ckpt if args.trust_checkpoint else None):
+        problems = argument_problems(args)
+        if problems:
+            raise RunStopped("\n".join(problems))
+        try:
+            out = export_checkpoint(args.ckpt, args.out, args.ema, args.format)
+        except ValueError as error:  # no EMA in it, an architecture the format cannot hold
+            raise RunStopped(str(error)) from None
+        print(f"exported {args.ckpt} -> {out} ({args.format})")
+        if args.wandb_artifact is not None:
+            name, run = log_export_artifact(
+                out, args.ckpt, args.format, args.ema, args.wandb_artifact or None
+            )
+            print(f"logged W&B artifact {name} from the run in {run}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
-"""Config values that cannot work end in one line naming the key and the fix, before the model
-(or the data) is built."""
+"""Config values that cannot work end in one line each naming the key and the fix, all of them
+at once, before the model (or the data) is built; evaluate.py's config likewise."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 
 import pbe_lightning.train as train_module
 from pbe_lightning.train import train
 from pbe_lightning.utils import config_checks
-from pbe_lightning.utils.config_checks import ConfigError, check_config
+from pbe_lightning.utils.config_checks import ConfigError, check_config, config_problems
+from pbe_lightning.utils.eval_checks import eval_config_problems
+from tests.helpers.config import CONF, REPO
 from tests.helpers.processes import run_train
 
 BAD = [
@@ -80,16 +86,34 @@ def test_ema_under_fsdp_is_refused_up_front(tiny_cfg, no_model_build, monkeypatc
     )
 
 
+def user_weights(root) -> dict[str, str]:
+    """Files where the paper's recipe wants the user's: SD folder, CLIP files, shards."""
+    for part in ("vae", "unet"):
+        (root / "sd15" / part).mkdir(parents=True)
+        (root / "sd15" / part / "config.json").write_text("{}")
+    for name in ("l14.bin", "b32.bin", "pbe.ckpt", "train-000000.tar"):
+        (root / name).touch()
+    return {
+        "model.backbone.path": str(root / "sd15"),
+        "model.encoder.checkpoint": str(root / "l14.bin"),
+        "metrics_clip.checkpoint": str(root / "b32.bin"),
+        "data.shards": str(root / "train-000000.tar"),
+        "model.init_from": str(root / "pbe.ckpt"),
+    }
+
+
 @pytest.mark.parametrize("experiment", ["demo", "paper", "finetune"])
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp", "multinode"])
 def test_every_shipped_recipe_passes_the_checks(
     tiny_cfg, tmp_path, monkeypatch, experiment, trainer
 ):
     monkeypatch.setattr(config_checks, "visible_gpus", lambda: 8)
-    (tmp_path / "b32.bin").touch()  # the paper's metrics CLIP weights, which the user passes
     given = [f"experiment={experiment}", f"trainer={trainer}"]
-    if experiment != "demo":
-        given.append(f"metrics_clip.checkpoint={tmp_path / 'b32.bin'}")
+    if experiment != "demo":  # the paper's weights and data, which the user passes
+        files = user_weights(tmp_path)
+        given += [
+            f"{k}={v}" for k, v in files.items() if experiment == "finetune" or "init" not in k
+        ]
     check_config(tiny_cfg(*given))
     if trainer != "fsdp":
         check_config(tiny_cfg(*given, "callbacks=ema"))
@@ -98,14 +122,18 @@ def test_every_shipped_recipe_passes_the_checks(
 def test_the_paper_metrics_need_their_clip_weights_before_anything_loads(
     tiny_cfg, tmp_path, no_model_build
 ):
+    files = user_weights(tmp_path)
+    given = [f"{k}={v}" for k, v in files.items() if k != "model.init_from"]
+    paper = [g for g in given if not g.startswith("metrics_clip")]
     expect_config_error(
-        tiny_cfg("experiment=paper"),
+        tiny_cfg("experiment=paper", *paper),
         r"^metrics_clip\.checkpoint is required by callbacks\.edit_metrics: .*every_n_validations=0",
     )
     expect_config_error(
-        tiny_cfg("experiment=paper", f"metrics_clip.checkpoint={tmp_path}/nope.bin"),
+        tiny_cfg("experiment=paper", *paper, f"metrics_clip.checkpoint={tmp_path}/nope.bin"),
         r"^metrics_clip\.checkpoint=.*nope\.bin: no such file",
     )
+    check_config(tiny_cfg("experiment=paper", *given))  # and with them, nothing is missing
 
 
 def test_the_command_line_prints_one_line_and_exits_1(tmp_path, cache_dir):
@@ -127,4 +155,127 @@ def test_an_ablation_without_multirun_is_refused_on_the_command_line(tmp_path, c
     assert result.stderr.strip().splitlines() == [
         "error: ablation=mask is a sweep grid, and this is a single run: put -m first "
         "(python train.py -m ablation=mask ...), or drop ablation= for one run"
+    ]
+
+
+# -- every mistake at once --------------------------------------------------------------------
+def test_every_bad_value_is_listed_in_one_message(tiny_cfg, no_model_build):
+    bad = ["model.optimizer.lr=-1", "data.batch_size=0", "trainer.precision=fp16"]
+    with pytest.raises(ConfigError) as info:
+        train(tiny_cfg(*bad, "model.cfg_dropout=2"))
+    lines = str(info.value).splitlines()
+    assert [line.split("=")[0] for line in lines] == [
+        "model.optimizer.lr",
+        "model.cfg_dropout",
+        "data.batch_size",
+        "trainer.precision",
+    ]
+
+
+def test_every_wrong_path_and_unset_key_is_listed(tiny_cfg, tmp_path):
+    problems = config_problems(
+        tiny_cfg(
+            "experiment=finetune",
+            f"model.encoder.checkpoint={tmp_path}/l14.bin",
+            f"data.shards='{tmp_path}/train-{{000000..000003}}.tar'",
+            f"ckpt_path={tmp_path}/old.ckpt",
+        )
+    )
+    assert len(problems) == 5, problems
+    assert problems[0].startswith("model.init_from is not set (??? in the config): pass ")
+    assert problems[1].startswith(f"model.encoder.checkpoint={tmp_path}/l14.bin: no such file")
+    assert problems[2].startswith("4 of 4 shards in data.shards do not exist")
+    assert problems[3].startswith(f"ckpt_path={tmp_path}/old.ckpt does not exist")
+    assert problems[4].startswith("metrics_clip.checkpoint is required by callbacks.edit_metrics")
+    # The model.backbone.path=${model.init_from} of experiment=finetune is the same mistake.
+    assert not any(p.startswith("model.backbone.path") for p in problems)
+
+
+def test_a_diffusers_folder_without_its_parts_is_named(tiny_cfg, tmp_path):
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    (tmp_path / "sd" / "vae" / "config.json").write_text("{}")
+    (tmp_path / "b32.bin").touch()
+    cfg = tiny_cfg(
+        "experiment=paper",
+        f"model.backbone.path={tmp_path}/sd",
+        "model/encoder=tiny",
+        f"metrics_clip.checkpoint={tmp_path}/b32.bin",
+        "data=demo",
+    )
+    assert config_problems(cfg) == [
+        f"model.backbone.path={tmp_path}/sd has no unet/config.json, so it is not a diffusers "
+        "folder: pass model.backbone.path=<diffusers folder or SD .safetensors/.ckpt file>, or "
+        "use model/backbone=tiny"
+    ]
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_the_paper_recipe_with_three_wrong_paths_lists_all_three_at_once(
+    tmp_path, cache_dir, small_shards
+):
+    args = ["experiment=paper", "debug=tiny", small_shards[-1], f"hydra.run.dir={tmp_path}/run"]
+    args += [f"model.backbone.path={tmp_path}/sd15", f"model.encoder.checkpoint={tmp_path}/l.bin"]
+    args += [f"metrics_clip.checkpoint={tmp_path}/b32.bin"]
+    result = run_train(args, cwd=tmp_path, cache=cache_dir, timeout=180)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert error_lines(result) == [
+        f"error: model.backbone.path={tmp_path}/sd15: no such file or folder: pass "
+        "model.backbone.path=<diffusers folder or SD .safetensors/.ckpt file>, or use "
+        "model/backbone=tiny",
+        f"error: model.encoder.checkpoint={tmp_path}/l.bin: no such file (local weights for "
+        "ViT-L-14-quickgelu): fix the path, or use model/encoder=tiny",
+        f"error: metrics_clip.checkpoint={tmp_path}/b32.bin: no such file (local weights for "
+        "metrics_clip.arch=ViT-B-32-quickgelu); fix the path, or turn the metrics off with "
+        "callbacks.edit_metrics.every_n_validations=0",
+    ]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- evaluate.py --------------------------------------------------------------------------------
+def eval_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("eval", overrides=list(overrides))
+
+
+def test_evaluate_lists_every_unset_key_and_missing_file(tmp_path):
+    assert [p.split(" ")[0] for p in eval_config_problems(eval_cfg())] == [
+        "ckpt_path",
+        "benchmark",
+        "real_images",
+        "clip.checkpoint",
+    ]
+    problems = eval_config_problems(
+        eval_cfg(
+            f"ckpt_path={tmp_path}/last.ckpt",
+            f"benchmark={tmp_path}/cocoee",
+            f"real_images={tmp_path}",
+            f"clip.checkpoint={tmp_path}/b32.bin",
+            "batch_size=0",
+        )
+    )
+    assert [p.split(":")[0] for p in problems] == [
+        f"ckpt_path={tmp_path}/last.ckpt",
+        f"benchmark={tmp_path}/cocoee",
+        f"clip.checkpoint={tmp_path}/b32.bin",
+        "batch_size=0 must be a whole number >= 1",
+    ]
+
+
+def test_evaluate_without_arguments_says_what_to_pass_without_a_traceback(tmp_path, cache_dir):
+    env = dict(os.environ, PBE_CACHE_DIR=str(cache_dir), PYTHONPATH=str(REPO))
+    command = [sys.executable, str(REPO / "evaluate.py"), f"hydra.run.dir={tmp_path}/eval"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "MissingMandatoryValue" not in result.stderr
+    assert [line.split(" ")[1] for line in error_lines(result)] == [
+        "ckpt_path",
+        "benchmark",
+        "real_images",
+        "clip.checkpoint",
     ]

@@ -59,6 +59,7 @@ def test_the_short_demo_prints_only_our_bar_our_lines_and_real_problems(tmp_path
         [*SHORT_DEMO, f"hydra.run.dir={run_dir}"],
         cwd=tmp_path,
         cache=cache_dir,
+        timeout=900,  # a fresh test cache: the demo's VAE and CLIP are pretrained first
         WANDB_SILENT="false",  # the tests' default; a user sees W&B's lines
         WANDB_MODE="offline",
     )

@@ -106,7 +106,7 @@ def test_photos_are_read_as_displayed(tmp_path):
     [
         ("empty", "example", "no white"),
         ("small", "example", "must have the image's size"),
-        ("mask", "missing", "no image at"),
+        ("mask", "missing", r"^error: --example .*missing\.png: no such file$"),
     ],
 )
 def test_clear_errors(files, mask, example, message):
@@ -116,6 +116,20 @@ def test_clear_errors(files, mask, example, message):
     with pytest.raises(SystemExit, match=message):
         main(argv)
     assert not (files["root"] / "x.png").exists()
+
+
+def test_every_argument_mistake_is_listed_at_once(files):
+    argv = ["--ckpt", str(files["root"] / "nope.ckpt"), "--image", str(files["photo"])]
+    argv += ["--mask", str(files["mask"]), "--example", str(files["root"] / "gone.png")]
+    argv += ["--out", str(files["root"] / "x.txt"), "--steps", "0"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert str(info.value).splitlines() == [
+        f"error: --ckpt {files['root']}/nope.ckpt: no such file",
+        f"error: --example {files['root']}/gone.png: no such file",
+        "error: --steps 0 must be a whole number >= 1, e.g. --steps 50",
+        f"error: --out {files['root']}/x.txt: name an image file, e.g. edited.png",
+    ]
 
 
 def test_help_shows_the_usage_example_as_written(capsys):

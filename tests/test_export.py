@@ -194,8 +194,21 @@ def test_cli_exports_a_trained_checkpoint(tmp_path, cache_dir, tiny_checkpoint):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     pipe = load_pipeline(tmp_path / "pipe")
-    trained = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    trained = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(pipe.unet.conv_in.weight, trained["unet.conv_in.weight"])
     assert torch.equal(pipe.image_encoder.proj_out.weight, trained["encoder.proj_out.weight"])
-    with pytest.raises(ValueError, match="no 'pbe_ema'"):
-        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "ema"), "--ema"])
+    with pytest.raises(SystemExit, match="^error: the checkpoint has no 'pbe_ema' entry") as info:
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "ema"), "--ema"])  # one line
+    assert "\n" not in str(info.value) and not (tmp_path / "ema").exists()
+
+
+def test_cli_lists_every_argument_mistake_at_once(tmp_path):
+    args = ["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x.bin")]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--format", "official"])
+    assert str(info.value).splitlines() == [
+        f"error: --ckpt {tmp_path}/nope.ckpt: no such file",
+        f"error: --out {tmp_path}/x.bin: --format official writes one file, name it "
+        "*.safetensors (the tensors) or *.ckpt (a state_dict, for the official repository's "
+        "scripts)",
+    ]

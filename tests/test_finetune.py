@@ -21,8 +21,10 @@ from pbe_lightning.demo.tiny_models import tiny_sd_folder
 from pbe_lightning.export import export_pipeline, main
 from pbe_lightning.models.build import build_model, load_trained
 from pbe_lightning.models.init_from import init_weights
+from pbe_lightning.safe_load import UnsafeCheckpoint, trusted_files
 from pbe_lightning.train import train
 from tests.helpers.config import compose_config
+from tests.helpers.payloads import with_payload
 
 
 class InitProbe(L.Callback):
@@ -120,7 +122,7 @@ def test_official_format_export_of_a_trained_checkpoint_is_what_finetune_starts_
 ):
     """python -m pbe_lightning.export --format official, read back by model.init_from."""
     trained = load_trained(str(tiny_checkpoint))
-    saved = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     for name in ("model.safetensors", "model.ckpt"):
         out = tmp_path / name
         main(["--ckpt", str(tiny_checkpoint), "--format", "official", "--out", str(out)])
@@ -173,7 +175,7 @@ def test_finetune_trains_from_the_imported_weights(original, official_file, tiny
     assert np.isfinite(metrics["train/loss"])
     assert_same_state(torch.load(start, weights_only=True), original.state_dict())
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
     # Frozen weights are not in checkpoints: they come back from model.init_from.
     resumed = load_trained(str(ckpt))
     assert torch.equal(resumed.vae.decoder.conv_out.weight, original.vae.decoder.conv_out.weight)
@@ -219,3 +221,14 @@ def test_unset_or_wrong_weights_are_named(official_file, fresh, tiny_cfg, tmp_pa
         info.value
     )
     assert torch.equal(fresh.encoder.proj_out.weight, before)  # checked before anything loads
+
+
+def test_init_weights_holding_code_are_refused_unless_trusted(official_file, tiny_cfg, tmp_path):
+    marker = tmp_path / "payload-ran"
+    tampered = with_payload(official_file, tmp_path / "model.ckpt", marker)
+    with pytest.raises(UnsafeCheckpoint, match=r"model\.ckpt: it holds .*\(model\.init_from\)"):
+        build_model(finetune_cfg(tiny_cfg, tampered).model)
+    assert not marker.exists()
+    with trusted_files(tampered):  # trust_checkpoint=true: the user's call, and its code runs
+        build_model(finetune_cfg(tiny_cfg, tampered).model)
+    assert marker.exists()

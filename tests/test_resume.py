@@ -27,7 +27,7 @@ RUN = [
 
 def final_state(run_dir):
     checkpoint = torch.load(
-        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     return checkpoint
 

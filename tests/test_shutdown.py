@@ -24,7 +24,14 @@ from pbe_lightning.checkpoints import NoReadableCheckpoint, newest_readable, sav
 from pbe_lightning.demo.dataset import ensure_demo_dataset
 from pbe_lightning.shutdown import EXIT_SECOND_SIGNAL, EXIT_STALLED
 from tests.helpers.config import REPO, SMALL_SHARDS, TINY
-from tests.helpers.processes import finish, free_port, kill_group, run_train, start_train
+from tests.helpers.processes import (
+    finish,
+    free_port,
+    kill_group,
+    run_train,
+    start_train,
+    wait_for_step,
+)
 
 RUN = [
     *TINY,
@@ -56,7 +63,7 @@ def output(result: subprocess.CompletedProcess) -> str:
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -68,22 +75,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
         a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()
     ):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
-
-
-def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"train.py ended (rc {process.returncode}) before step {step}")
-        try:
-            reached = int((run_dir / "step").read_text())
-        except (FileNotFoundError, ValueError):
-            reached = -1
-        if reached >= step:
-            return reached
-        time.sleep(0.02)
-    kill_group(process)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 def blocked_on_the_source(pid: int) -> bool:

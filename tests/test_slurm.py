@@ -92,8 +92,13 @@ srun {sys.executable} {REPO}/train.py {quoted}
 
 
 def submit(script: Path, env: dict) -> str:
+    return submit_command([str(script)], env)
+
+
+def submit_command(args: list[str], env: dict) -> str:
+    """``sbatch ARGS``; returns the job id."""
     submitted = subprocess.run(
-        ["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True, check=True
+        ["sbatch", "--parsable", *args], env=env, capture_output=True, text=True, check=True
     )
     return submitted.stdout.strip().split(";")[0]
 
@@ -117,7 +122,7 @@ def assert_resumed_exactly(tmp_path: Path, job_id: str, env: dict, reference: di
     run_dir = tmp_path / "outputs" / "train" / f"slurm-{job_id}"
     assert "requeueing the job" in log and "resuming from" in log
     final = torch.load(
-        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     assert final["global_step"] == reference["global_step"]
     for key, tensor in reference["state_dict"].items():
@@ -128,7 +133,7 @@ def assert_resumed_exactly(tmp_path: Path, job_id: str, env: dict, reference: di
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_weights(final: dict, reference: dict) -> None:
@@ -184,18 +189,21 @@ def test_a_job_that_reaches_its_time_limit_is_requeued_and_resumes_exactly(tmp_p
         assert_resumed_exactly(tmp_path, job_id, env, reference)
 
 
+# The README's submitit launcher, on the loopback cluster's CPUs.
+SUBMITIT = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.tasks_per_node=1",
+    "hydra.launcher.cpus_per_task=2",
+    "hydra.launcher.timeout_min=10",
+]
+
+
 def test_a_submitit_launcher_job_preempted_with_its_signal_resumes_exactly(tmp_path, cache_dir):
     args = [*REQUEUED, "trainer.max_steps=12"]
     reference = uninterrupted(tmp_path, cache_dir, args)
-    launcher = [
-        "hydra/launcher=slurm",
-        "hydra.launcher.partition=debug",
-        "hydra.launcher.gpus_per_node=null",
-        "hydra.launcher.tasks_per_node=1",
-        "hydra.launcher.cpus_per_task=2",
-        "hydra.launcher.timeout_min=10",
-        *paced(),
-    ]
+    launcher = [*SUBMITIT, *paced()]
     with slurm_cluster(tmp_path / "cluster") as env:
         sweep = start_train(
             ["-m", *args, *launcher], tmp_path, cache_dir, SLURM_CONF=env["SLURM_CONF"]
@@ -220,3 +228,26 @@ def test_a_submitit_launcher_job_preempted_with_its_signal_resumes_exactly(tmp_p
         assert result.returncode == 0, result.stderr[-3000:]
         assert int(job_field(job_id, env, "Restarts") or 0) >= 1
     assert_same_weights(load(runs[0] / "checkpoints" / "last.ckpt"), reference)
+    # The submitting process summarised the sweep once the launcher had the job's result.
+    summary = (runs[0].parent / "summary.md").read_text()
+    assert summary.startswith("best on val/") and "1 finished" in summary
+
+
+def test_a_bad_value_in_a_slurm_sweep_stops_it_before_anything_is_queued(tmp_path, cache_dir):
+    sweep = ["-m", "seed=1,2,3", "ablation=bottleneck", "model.optimizer.lr=-1"]  # 12 jobs
+    with slurm_cluster(tmp_path / "cluster") as env:
+        result = run_train(
+            [*sweep, *SUBMITIT, *TINY], tmp_path, cache_dir, SLURM_CONF=env["SLURM_CONF"]
+        )
+        # Nothing reached SLURM: the first job it is given now still gets its first id.
+        probe = submit_command(["--wrap", "true"], env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: model.optimizer.lr=-1 must be a positive number: e.g. model.optimizer.lr=1e-5 "
+        "(the paper's) (all 12 jobs)",
+        "error: no job was started or queued (SlurmLauncher): the configs of the sweep's 12 "
+        "jobs were checked here first. Fix the values above, then run the same command again "
+        "(for paths only the compute nodes see, add ~hydra.callbacks.check_every_job)",
+    ]
+    assert probe == "1"
+    assert not (tmp_path / "multirun").exists()  # not even submitit's folder

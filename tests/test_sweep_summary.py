@@ -38,6 +38,10 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     args = ["-m", "ablation=mask", "debug=tiny", "data/mask=box,irregular", "logger=wandb_csv"]
     result = run_train([*args, f"hydra.sweep.dir={root / 'sweep'}"], cwd=root, cache=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
+    # What the sweep itself wrote when it ended, before the tests below summarise it again.
+    (root / "console.txt").write_text(result.stdout + result.stderr)
+    if (root / "sweep" / "summary.md").is_file():
+        shutil.copy(root / "sweep" / "summary.md", root / "summary_at_the_end.md")
     return root / "sweep"
 
 
@@ -95,6 +99,42 @@ def test_a_real_sweep_is_summarised_with_the_best_variant_from_its_csv_numbers(
     assert flipped.best.variant == VARIANTS[lowest.index(max(lowest))] != winner
     assert (sweep / "summary.md").read_text().startswith(f"best on {metric} (max): ")
     assert {p.name for p in flipped.files} == {"summary.md", "summary.csv", "summary.png"}
+
+
+def test_a_sweep_summarises_itself_when_it_ends(sweep):
+    at_the_end = (sweep.parent / "summary_at_the_end.md").read_text()
+    assert at_the_end.startswith("best on val/fid_clip (min): data/mask=")
+    assert "2 jobs, 2 finished" in at_the_end
+    console = (sweep.parent / "console.txt").read_text()
+    assert f"sweep summary: {at_the_end.splitlines()[0]}" in console
+    assert f"python -m pbe_lightning.sweeps.summary {sweep}` updates it" in console
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_job_failed_is_summarised_anyway(tmp_path, cache_dir):
+    # Job 1 fails at its first step; Hydra then ends the sweep with that job's error.
+    fail = ["+callbacks.fail._target_=tests.helpers.faults.FailAt", "+callbacks.fail.step=100,0"]
+    args = ["-m", "debug=tiny", "trainer.max_steps=2", *fail, f"hydra.sweep.dir={tmp_path / 's'}"]
+    result = run_train(args, cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 1 and "a test failure at step 0" in result.stderr
+    assert "the sweep ended early: summarising what its jobs wrote" in result.stdout
+    summary = (tmp_path / "s" / "summary.md").read_text()
+    assert "2 jobs, 1 finished, 1 failed" in summary
+    assert "best on val/fid_clip (min): callbacks.fail.step=100" in summary
+
+
+def test_a_summary_that_cannot_be_written_warns_with_the_command_to_run_by_hand(tmp_path, caplog):
+    from pbe_lightning.sweeps.summary_callback import SummariseSweep, summarise_quietly
+
+    assert not summarise_quietly(tmp_path / "gone")  # never raises: the sweep's result stands
+    assert f"run `python -m pbe_lightning.sweeps.summary {tmp_path / 'gone'}` by hand" in (
+        caplog.text
+    )
+    caplog.clear()
+    callback = SummariseSweep()
+    callback.sweep = tmp_path  # a sweep stopped before any job (a config check): no summary
+    callback.after_a_failed_job()
+    assert caplog.text == "" and not (tmp_path / "summary.md").exists()
 
 
 @pytest.mark.skipif(not wandb_can_read_logs(), reason="this wandb cannot read .wandb logs")
@@ -213,6 +253,9 @@ def test_the_paper_metrics_are_the_default_with_their_own_directions(tmp_path):
         "max",
         "max",
     ]
+    # The demo's task scores: following up, copy-paste leakage down.
+    task = ("val/exemplar_following", "eval/shape_following", "val/leakage")
+    assert [direction(m) for m in task] == ["max", "max", "min"]
 
 
 def test_a_resumed_jobs_csv_versions_are_merged_the_later_winning(tmp_path):

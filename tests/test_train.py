@@ -12,6 +12,7 @@ from PIL import Image
 import pbe_lightning.train as train_module
 from pbe_lightning.models.build import build_model
 from pbe_lightning.train import train
+from pbe_lightning.utils.config_checks import ConfigError
 from tests.helpers.config import TINY
 from tests.helpers.processes import run_train
 
@@ -20,7 +21,7 @@ def test_resume_restores_global_step_and_optimizer_state(monkeypatch, tiny_cfg, 
     first = tiny_cfg()
     train(first)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 4
     # Frozen weights are reloaded from the weight files, not stored in every checkpoint.
     assert not any(k.startswith(("vae.", "encoder.vision.")) for k in saved["state_dict"])
@@ -50,7 +51,7 @@ def test_resume_restores_global_step_and_optimizer_state(monkeypatch, tiny_cfg, 
 
     continued = tiny_cfg(f"ckpt_path={last}", "trainer.max_steps=6")
     train(continued)
-    final = torch.load(last, map_location="cpu", weights_only=False)
+    final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["global_step"] == 6
     first_param = next(iter(final["optimizer_states"][0]["state"].values()))
     assert float(first_param["step"]) == 6
@@ -94,7 +95,7 @@ def test_trains_on_a_users_own_shards(tiny_cfg, tmp_path, form):
 
 def test_missing_shards_fail_before_any_weights_load(tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"data.shards={tmp_path}/nope-000.tar")
-    with pytest.raises(FileNotFoundError, match="data.shards") as info:
+    with pytest.raises(ConfigError, match="data.shards") as info:
         train(cfg)
     assert "nope-000.tar" in str(info.value)
 
@@ -111,7 +112,7 @@ def test_paper_recipe_without_weights_names_the_override(tiny_cfg, tmp_path):
         "trainer.strategy=auto",
         "trainer.accelerator=cpu",
     )
-    with pytest.raises(FileNotFoundError, match="model.backbone.path"):
+    with pytest.raises(ConfigError, match="model.backbone.path"):
         train(cfg)
     cfg = tiny_cfg(
         "experiment=paper",
@@ -119,7 +120,7 @@ def test_paper_recipe_without_weights_names_the_override(tiny_cfg, tmp_path):
         f"data.shards={shards}/mine-000.tar",
         "model/backbone=tiny",
     )
-    with pytest.raises(FileNotFoundError, match="model.encoder.checkpoint"):
+    with pytest.raises(ConfigError, match="model.encoder.checkpoint"):
         train(cfg)
     cfg = tiny_cfg("experiment=paper", f"metrics_clip.checkpoint={clip}")
     with pytest.raises(ValueError, match="data.shards is not set"):
@@ -190,7 +191,7 @@ def test_bf16_mixed_with_accumulation_and_clipping_trains(tiny_cfg):
     metrics = train(cfg)
     assert np.isfinite(metrics["train/loss"])
     checkpoint = torch.load(
-        cfg.paths.output_dir + "/checkpoints/last.ckpt", map_location="cpu", weights_only=False
+        cfg.paths.output_dir + "/checkpoints/last.ckpt", map_location="cpu", weights_only=True
     )
     assert checkpoint["global_step"] == 4  # optimiser steps: 8 batches accumulated in pairs
 

@@ -23,6 +23,7 @@ from pbe_lightning.demo.tiny_models import tiny_clip_folder
 from pbe_lightning.evaluate import evaluate
 from pbe_lightning.export import main as export_main
 from pbe_lightning.models.build import load_trained
+from pbe_lightning.safe_load import UnsafeCheckpoint
 from pbe_lightning.train import train
 from pbe_lightning.utils.loggers import (
     TrainingRun,
@@ -31,6 +32,7 @@ from pbe_lightning.utils.loggers import (
     use_checkpoint_artifact,
 )
 from tests.helpers.config import CONF, compose_config
+from tests.helpers.payloads import with_payload
 
 STEPS = 4  # debug=tiny: checkpoints at steps 2 and 4 (and last.ckpt at 4)
 
@@ -205,6 +207,24 @@ def test_log_model_all_logs_one_reloadable_artifact_per_checkpoint_step(trained,
         "run/run",
         f"model-{run_id}:step-{STEPS}",
     )
+
+
+def test_a_tampered_artifact_checkpoint_is_refused_before_it_runs(trained, run_id, tmp_path):
+    # A shared artifact someone re-uploaded with a pickle payload added to model.ckpt.
+    records = wandb_records(offline_run(trained))
+    last = of_type(records, "artifact")[-1]
+    files = {entry.path: Path(entry.local_path) for entry in last.manifest.contents}
+    download, marker = tmp_path / f"model-{run_id}-v1", tmp_path / "payload-ran"
+    download.mkdir()
+    (download / "config_resolved.yaml").write_bytes(files["config_resolved.yaml"].read_bytes())
+    with_payload(files["model.ckpt"], download / "model.ckpt", marker)
+    with pytest.raises(UnsafeCheckpoint, match=r"refused to load .*model\.ckpt: it holds a "):
+        TrainingRun.of(download / "model.ckpt")  # eval and export runs name their run first
+    with pytest.raises(UnsafeCheckpoint):
+        load_trained(str(download / "model.ckpt"))
+    with pytest.raises(SystemExit, match="^error: refused to load "):
+        export_main(["--ckpt", str(download / "model.ckpt"), "--out", str(tmp_path / "p")])
+    assert not marker.exists()
 
 
 def test_log_model_true_logs_the_kept_checkpoints_when_training_ends(tmp_path, cache_dir):

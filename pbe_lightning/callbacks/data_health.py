@@ -6,10 +6,12 @@ import lightning as L
 
 from pbe_lightning.data.samples import SKIP_REASONS
 from pbe_lightning.logging_steps import is_logging_step
+from pbe_lightning.stops import DataBroken
 
 
 class DataHealth(L.Callback):
-    """Logs ``data/skipped_<reason>`` (cumulative) and fails past ``max_skip_fraction``.
+    """Logs ``data/skipped_<reason>`` (cumulative) and stops the run past ``max_skip_fraction``
+    (:class:`~pbe_lightning.stops.DataBroken`: one ``error:`` line from the rank that met it).
 
     Counts ride along in each batch's ``stream_state`` (host integers, never sent to the
     device), so they cover every loader worker; they are per rank, which is what a fraction
@@ -35,10 +37,12 @@ class DataHealth(L.Callback):
         fraction = sum(self.skipped) / max(self.read, 1)
         if self.read >= self.min_records and fraction > self.max_skip_fraction:
             counts = {r: c for r, c in zip(SKIP_REASONS, self.skipped) if c}
-            raise RuntimeError(
+            raise DataBroken(
                 f"{fraction:.1%} of {self.read} records were unusable ({counts}), over "
                 f"callbacks.data_health.max_skip_fraction={self.max_skip_fraction}: the data is "
-                "broken; the first skip of each reason was warned with its shard and key"
+                "broken; the first skip of each reason was warned with its shard and key, and "
+                "each skip is a line of <run>/skipped_records/stream*.tsv: clean the shards, or "
+                "raise callbacks.data_health.max_skip_fraction if those records are expected"
             )
 
     def state_dict(self) -> dict:

@@ -50,6 +50,20 @@ PIPELINE_PARTS = (
 BICUBIC = 3  # PIL.Image.BICUBIC, as our encoder resizes
 # Copied under the same names: ours were named after diffusers' PaintByExampleImageEncoder.
 HEAD_PREFIXES = ("mapper.", "final_layer_norm.", "proj_out.", "uncond_vector")
+LIGHTNING_ONLY = (
+    "keep the Lightning checkpoint: python -m pbe_lightning.edit --ckpt and evaluate.py "
+    "ckpt_path= paint with it"
+)
+
+
+def check_clip_family(encoder: ExemplarEncoder, target: str) -> None:
+    """Paint-by-Example's published formats hold a CLIP ViT exemplar tower, nothing else."""
+    if encoder.family != "clip":
+        raise ValueError(
+            f"cannot export model.encoder.family={encoder.family} as {target}: both export "
+            "formats hold Paint-by-Example's CLIP ViT exemplar tower (a transformers "
+            f"CLIPVisionModel), which cannot hold a {encoder.family} tower; {LIGHTNING_ONLY}"
+        )
 
 
 # -- ours -> pipeline ----------------------------------------------------------------------------
@@ -92,7 +106,9 @@ def image_encoder_to_diffusers(
     """diffusers' encoder computing what ours does on the pooled class token.
 
     ``replace``: tensors under ``encoder``'s own state-dict names to use instead of its own.
+    Only CLIP towers (``model.encoder.family=clip``) with ``bottleneck=cls`` fit it.
     """
+    check_clip_family(encoder, "a diffusers PaintByExamplePipeline")
     if encoder.bottleneck != "cls":
         raise ValueError(
             f"cannot export bottleneck={encoder.bottleneck!r}: diffusers' PaintByExample"

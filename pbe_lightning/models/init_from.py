@@ -12,11 +12,13 @@ The architecture still comes from ``model.backbone`` and ``model.encoder``: for 
 weights that is SD 1.x (the packaged default ``model.backbone.config``) and
 ``model.encoder.arch=ViT-L-14-quickgelu`` with ``mapper_depth=5``. Every tensor of the built
 module is then replaced, the frozen VAE and CLIP tower included.
+
+Nothing in the file runs: single files are read weights-only (``safe_load``); one holding
+other objects is refused in one line, unless ``trust_checkpoint=true`` (the user trusts it).
 """
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,29 +31,50 @@ from pbe_lightning.convert.official import from_official_layout, missing_parts
 from pbe_lightning.convert.pipeline import PIPELINE_PARTS, from_pipeline, load_pipeline
 from pbe_lightning.models.backbone import SINGLE_FILE_SUFFIXES, read_state_dict
 from pbe_lightning.models.module import PaintByExampleModule
+from pbe_lightning.safe_load import TRUST_FIX, check_loadable
+from pbe_lightning.stops import RunStopped
+from pbe_lightning.utils.file_checks import INIT_FROM_FIX as FIX
 
-FIX = (
-    "pass model.init_from=<official Paint-by-Example .ckpt/.safetensors, or a "
-    "PaintByExamplePipeline folder>"
-)
+TRUSTED_INIT_FIX = f"(model.init_from) {TRUST_FIX}"
+
+
+class InitWeightsMismatch(RunStopped, ValueError):
+    """``model.init_from`` does not fit the configured architecture (every key named)."""
 
 
 def init_source(cfg: DictConfig) -> str | None:
     """``model.init_from``, checked before anything loads; experiment=finetune requires it.
 
     Checked here because experiment=finetune also builds the backbone from it, whose own
-    error would point at model.backbone.path instead.
+    error would point at model.backbone.path instead; a file that would run code is refused
+    here too, naming model.init_from and trust_checkpoint.
     """
     if OmegaConf.is_missing(cfg, "init_from"):
         raise ValueError(f"experiment=finetune needs the weights to start from: {FIX}")
     path = cfg.get("init_from")
+    if path:
+        check_clip_family(cfg.encoder.get("family", "clip"), path)
     if path and not Path(path).expanduser().exists():
         raise FileNotFoundError(f"no weights at {path} (model.init_from): {FIX}")
+    if path and Path(path).expanduser().is_file():
+        check_loadable(Path(path).expanduser(), fix=TRUSTED_INIT_FIX)
     return path
+
+
+def check_clip_family(family: str, path: str | Path) -> None:
+    """Paint-by-Example weights hold a CLIP ViT: another tower family cannot take them."""
+    if family != "clip":
+        raise InitWeightsMismatch(
+            f"model.init_from={path} holds a Paint-by-Example model, whose exemplar encoder is "
+            f"a CLIP ViT: a {family} encoder (model.encoder.family={family}) cannot start from it."
+            " Fine-tune with model/encoder=clip_vit_l14, or train the "
+            f"{family} encoder from Stable Diffusion (experiment=paper, no model.init_from)"
+        )
 
 
 def init_weights(module: PaintByExampleModule, path: str | Path) -> None:
     """Overwrite every weight of ``module`` with those at ``path``, checked key by key first."""
+    check_clip_family(module.encoder.family, path)
     state = load_init_weights(path, module)
     check_fits(module, state, path)
     module.load_state_dict(state)
@@ -86,7 +109,7 @@ def check_fits(module: nn.Module, state: Mapping[str, torch.Tensor], source: str
         if state[k].shape != own[k].shape
     ]
     if missing or unexpected or reshaped:
-        raise ValueError(
+        raise InitWeightsMismatch(
             f"the weights at {source} (model.init_from) do not fit the model built from "
             f"model.backbone and model.encoder: {len(missing)} missing {missing[:10]}, "
             f"{len(unexpected)} unexpected {unexpected[:10]}, {len(reshaped)} of another shape "
@@ -96,7 +119,7 @@ def check_fits(module: nn.Module, state: Mapping[str, torch.Tensor], source: str
 
 
 def _from_official_file(file: Path, module: PaintByExampleModule) -> Tensors:
-    state = _read(file)
+    state = read_state_dict(file, fix=TRUSTED_INIT_FIX)
     absent = missing_parts(state)
     if absent:
         raise ValueError(
@@ -111,17 +134,6 @@ def _from_official_file(file: Path, module: PaintByExampleModule) -> Tensors:
         vision=module.encoder.vision,
         source=f"{file} (model.init_from)",
     )
-
-
-def _read(file: Path) -> Tensors:
-    try:
-        return read_state_dict(file)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{file} (model.init_from) holds pickled objects besides tensors, which are not "
-            "loaded (torch.load weights_only=True): re-save its 'state_dict' as .safetensors "
-            f"where you trust the file ({str(error).splitlines()[0]})"
-        ) from None
 
 
 def _from_pipeline_folder(folder: Path, module: PaintByExampleModule) -> Tensors:

@@ -28,7 +28,9 @@ from lightning.pytorch.loggers.utilities import _scan_checkpoints
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pbe_lightning.safe_load import load_checkpoint
 from pbe_lightning.utils.resolvers import selection
+from pbe_lightning.utils.wandb_offline import go_offline, server_unreachable, with_init_timeout
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,9 @@ def finish_loggers(loggers: list[Logger]) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint's entries, tensors memory-mapped (cheap: nothing is copied)."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    """A Lightning checkpoint's entries, tensors memory-mapped (cheap: nothing is copied);
+    weights only, so a downloaded artifact's ``model.ckpt`` runs nothing (``safe_load``)."""
+    return load_checkpoint(path, mmap=True)
 
 
 def frozen_weights(checkpoint: dict) -> dict:
@@ -124,16 +127,37 @@ class WandbLogger(LightningWandbLogger):
     do not pass through ``ModelCheckpoint``.
     """
 
-    def __init__(self, *args: Any, log_model: bool | str = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        log_model: bool | str = False,
+        init_timeout_s: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
         if log_model not in (True, False, "all"):
             raise ValueError(f"logger.wandb.log_model={log_model!r}: use all, true or false")
         super().__init__(*args, log_model=False, **kwargs)  # Lightning's offline check
         self._log_model = log_model
+        # No server within init_timeout_s: the run goes on offline (utils/wandb_offline.py).
+        self._init_timeout_s = init_timeout_s
+        settings = with_init_timeout(self._wandb_init.get("settings"), init_timeout_s)
+        self._wandb_init["settings"] = settings
         # Lightning always passes anonymous=None, and wandb 0.19+ warns that the setting has
         # no effect whenever it is passed: left out, it is the same run without the warning.
         if self._wandb_init.get("anonymous", "") is None:
             del self._wandb_init["anonymous"]
         self._logged_steps: set[int] = set()
+
+    @property
+    def experiment(self) -> Any:
+        """Lightning's, offline when the W&B server did not answer within init_timeout_s."""
+        try:
+            return super().experiment
+        except Exception as error:
+            if self._experiment is not None or not server_unreachable(error):
+                raise
+            go_offline(self._wandb_init, error, self._init_timeout_s)
+            return super().experiment
 
     def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:
         import wandb

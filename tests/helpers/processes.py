@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tests.helpers.config import REPO
@@ -74,3 +75,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reached_step(folder: Path) -> int:
+    """The step ``tests.helpers.callbacks.Pace`` last wrote into ``folder``; -1 before any."""
+    try:
+        return int((folder / "step").read_text())
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def wait_for_step(process: subprocess.Popen, folder: Path, step: int, timeout: float = 240) -> int:
+    """Until ``Pace`` says training reached ``step``; kills the group if it never does."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        reached = reached_step(folder)
+        if reached >= step:
+            return reached
+        time.sleep(0.02)
+    kill_group(process)
+    raise AssertionError(f"step {step} not reached in {timeout} s (rc {process.returncode})")

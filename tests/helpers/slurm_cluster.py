@@ -15,6 +15,8 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from tests.helpers.processes import free_port  # clusters of tests side by side never meet
+
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "munged")
 
 
@@ -39,8 +41,8 @@ SlurmctldPidFile={root}/run/slurmctld.pid
 SlurmdPidFile={root}/run/slurmd.pid
 SlurmctldLogFile={root}/log/slurmctld.log
 SlurmdLogFile={root}/log/slurmd.log
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -117,7 +119,7 @@ def _cancel_all_jobs(env: dict, timeout: float = 30) -> None:
         time.sleep(0.5)
 
 
-def _wait_for_idle_node(env: dict, timeout: float = 30) -> None:
+def _wait_for_idle_node(env: dict, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = subprocess.run(

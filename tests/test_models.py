@@ -1,4 +1,5 @@
-"""Encoder, backbone loading and the widened UNet, on tiny models saved in the real formats."""
+"""Backbone loading and the widened UNet, on tiny models saved in the real formats (the
+exemplar encoder's families: tests/test_encoders.py)."""
 
 import json
 
@@ -16,18 +17,10 @@ from pbe_lightning.demo.tiny_models import (
     tiny_sd_folder,
 )
 from pbe_lightning.models.backbone import load_backbone, widen_input
-from pbe_lightning.models.encoder import build_exemplar_encoder
-
-
-@pytest.mark.parametrize("bottleneck, tokens", [("cls", 1), ("tokens", 1 + 16)])
-def test_encoder_shapes(cache_dir, bottleneck, tokens):
-    encoder = tiny_exemplar_encoder(str(cache_dir), context_dim=24, bottleneck=bottleneck)
-    context = encoder(torch.rand(3, 3, 64, 64))  # resized to the tower's 32 px inside
-    assert context.shape == (3, tokens, 24)
-    assert encoder.unconditional(3, tokens).shape == (3, tokens, 24)
 
 
 def test_cls_bottleneck_is_clips_pooled_token_before_projection(cache_dir):
+    # The paper's recipe (docs/paper_recipe.md); every family: tests/test_encoders.py.
     import open_clip
 
     encoder = tiny_exemplar_encoder(str(cache_dir), context_dim=24)
@@ -38,22 +31,6 @@ def test_cls_bottleneck_is_clips_pooled_token_before_projection(cache_dir):
     expected = clip.visual(normalised)
     assert torch.allclose(encoder.clip_features(pixels)[:, 0], expected, atol=1e-6)
     assert expected.shape[-1] == clip.visual.transformer.width  # pre-projection width
-
-
-def test_encoder_refuses_hub_tags_and_missing_files():
-    with pytest.raises(FileNotFoundError, match="model.encoder.checkpoint"):
-        build_exemplar_encoder("ViT-L-14", context_dim=768, checkpoint="openai")
-    with pytest.raises(FileNotFoundError, match="model.encoder.arch"):
-        build_exemplar_encoder("local-dir:/nonexistent", context_dim=768)
-
-
-def test_clip_tower_is_frozen_and_stays_in_eval(cache_dir):
-    encoder = tiny_exemplar_encoder(str(cache_dir), context_dim=8)
-    encoder.train()
-    assert not encoder.vision.training
-    assert not any(p.requires_grad for p in encoder.vision.parameters())
-    trainable = {id(p) for p in encoder.trainable_parameters()}
-    assert all(id(p) not in trainable for p in encoder.vision.parameters())
 
 
 def test_zero_init_widening_keeps_the_pretrained_output(cache_dir):

@@ -3,7 +3,9 @@
 Accepted: a diffusers folder (``vae/`` + ``unet/``) or one original-layout file
 (``.safetensors`` / ``.ckpt`` with ``model.diffusion_model.*`` and ``first_stage_model.*``
 keys), converted with diffusers' own converters and the architecture in ``config``
-(default: the packaged SD 1.x configs). Only local files are read.
+(default: the packaged SD 1.x configs). Only local files are read, and none runs code: single
+files through ``safe_load`` (weights only), folders through diffusers (safetensors, or
+``torch.load(weights_only=True)`` for ``.bin``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
-from safetensors.torch import load_file
 from torch import nn
+
+from pbe_lightning.safe_load import RESAVE_FIX, WEIGHT_FILE_SUFFIXES, read_tensors
 
 PAINT_BY_EXAMPLE_CHANNELS = 9  # noisy latent 4 | masked-image latent 4 | mask 1
 SD15_CONFIG = Path(__file__).parent / "configs" / "sd15"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+SINGLE_FILE_SUFFIXES = WEIGHT_FILE_SUFFIXES
 
 
 @dataclass
@@ -67,12 +70,10 @@ def _from_diffusers_folder(folder: Path, fix: str) -> tuple[AutoencoderKL, UNet2
     return vae, unet
 
 
-def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors; ``.ckpt`` is read with ``weights_only`` so nothing is unpickled."""
-    if file.suffix == ".safetensors":
-        return load_file(str(file))
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    return checkpoint.get("state_dict", checkpoint)
+def read_state_dict(file: Path, fix: str = RESAVE_FIX) -> dict[str, torch.Tensor]:
+    """A weight file's tensors (its ``state_dict`` entry if it has one): ``.safetensors``, or a
+    torch file read weights-only; one holding more is refused, naming ``fix``."""
+    return read_tensors(file, fix=fix)
 
 
 def _from_single_file(file: Path, config_dir: Path) -> tuple[AutoencoderKL, UNet2DConditionModel]:
@@ -125,7 +126,8 @@ def widen_input(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     if channels == PAINT_BY_EXAMPLE_CHANNELS:
         warnings.warn(
             "the UNet already has 9 input channels: used as is, assuming the order "
-            "[noisy latent | masked-image latent | mask] (SD-inpainting UNets order them differently)",
+            "[noisy latent | masked-image latent | mask] (SD-inpainting UNets order them "
+            "differently)",
             stacklevel=2,
         )
         return unet

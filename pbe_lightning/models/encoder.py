@@ -1,25 +1,62 @@
-"""The exemplar encoder: frozen CLIP vision tower -> information bottleneck -> trainable mapper.
+"""The exemplar encoder: frozen vision tower -> information bottleneck -> trainable mapper.
 
 Paint by Example conditions the UNet on ONE vector: CLIP's pooled class token (after
 ``ln_post``, before CLIP's projection). Squeezing the exemplar through it is what stops the
-model from copy-pasting; ``bottleneck="tokens"`` keeps all patch tokens for the ablation.
-Submodule names (``mapper.blocks``, ``final_layer_norm``, ``proj_out``, ``uncond_vector``)
-follow diffusers' ``PaintByExampleImageEncoder`` so export is a rename-free copy.
+model from copy-pasting. Two ablation axes:
+
+- the bottleneck (``model.encoder.bottleneck``): ``cls`` (the paper: the tower's pooled token
+  alone), ``tokens`` (the pooled token + every patch token: no bottleneck), ``pooled_k`` (the
+  pooled token + ``model.encoder.pooled_tokens`` = K patch tokens average-pooled on a
+  sqrt(K) x sqrt(K) grid: a bottleneck K + 1 tokens wide);
+- the tower (``model.encoder.family``): ``clip`` (OpenAI CLIP ViT-L/14, the paper's; OpenCLIP
+  ViT-H/14), ``siglip`` (SigLIP So400m/14: no class token, its pooled token is the
+  attention-pool head's output) or ``dinov2`` (DINOv2, as AnyDoor: the class token after the
+  final norm); ``towers.py`` loads them from local weights only.
+
+The mapper is as wide as the tower's tokens; ``proj_out`` maps them to the UNet's context
+width. Submodule names (``mapper.blocks``, ``final_layer_norm``, ``proj_out``,
+``uncond_vector``) follow diffusers' ``PaintByExampleImageEncoder`` so export is a rename-free
+copy.
 """
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
-from pathlib import Path
+import math
 from typing import Literal
 
-import open_clip
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
-Bottleneck = Literal["cls", "tokens"]
+from pbe_lightning.models.towers import (
+    PICKLED_WEIGHTS,
+    check_weights_safe,
+    load_clip_vision,
+    load_tower,
+    open_clip_infos_hidden,
+    token_tower,
+    tower_grid,
+    tower_image_size,
+    tower_normalisation,
+    tower_shape,
+)
+
+# Re-exported: metrics, the planner and the benches read CLIP towers through this module.
+__all__ = [
+    "PICKLED_WEIGHTS",
+    "Bottleneck",
+    "ExemplarEncoder",
+    "Mapper",
+    "build_exemplar_encoder",
+    "check_weights_safe",
+    "clip_image_size",
+    "load_clip_vision",
+    "open_clip_infos_hidden",
+]
+
+Bottleneck = Literal["cls", "tokens", "pooled_k"]
+BOTTLENECKS = ("cls", "tokens", "pooled_k")
+clip_image_size = tower_image_size  # the name from when every tower was CLIP's
 
 
 class Mapper(nn.Module):
@@ -38,7 +75,25 @@ class Mapper(nn.Module):
         return tokens
 
 
+def pooled_grid_side(pooled_tokens: int, grid: tuple[int, int]) -> int:
+    """sqrt(K) for ``bottleneck=pooled_k``; K must be a square the patch grid can be pooled to."""
+    side = math.isqrt(pooled_tokens) if isinstance(pooled_tokens, int) else 0
+    if side < 1 or side * side != pooled_tokens or side > min(grid):
+        raise ValueError(
+            f"model.encoder.pooled_tokens={pooled_tokens}: use a square number of tokens up to "
+            f"the tower's {grid[0]}x{grid[1]} patch grid, e.g. 4 (2x2) or 16 (4x4)"
+        )
+    return side
+
+
 class ExemplarEncoder(nn.Module):
+    """Exemplar images -> the UNet's cross-attention context ``(B, T, context_dim)``.
+
+    ``vision``: a frozen tower of ``family`` (``towers.py``), ``width`` its token width;
+    ``image_size``, ``mean``, ``std``: its input side and normalisation. The bottleneck picks
+    the T tokens the trainable mapper sees (the module docstring).
+    """
+
     def __init__(
         self,
         vision: nn.Module,
@@ -49,17 +104,24 @@ class ExemplarEncoder(nn.Module):
         std: tuple[float, ...],
         bottleneck: Bottleneck = "cls",
         mapper_depth: int = 5,
+        *,
+        pooled_tokens: int = 4,
+        family: str = "clip",
     ) -> None:
         super().__init__()
-        if bottleneck not in ("cls", "tokens"):
+        if bottleneck not in BOTTLENECKS:
             raise ValueError(
-                f"model.encoder.bottleneck={bottleneck!r}: use 'cls' (paper) or 'tokens'"
+                f"model.encoder.bottleneck={bottleneck!r}: use 'cls' (paper), 'tokens' or "
+                "'pooled_k' (with model.encoder.pooled_tokens=K)"
             )
-        vision.proj = None  # the bottleneck is the pre-projection pooled token
-        vision.output_tokens = bottleneck == "tokens"
-        self.vision = vision.requires_grad_(False).eval()
+        self.vision = token_tower(vision)  # frozen; called: (pooled, patch tokens)
+        self.family = family
         self.bottleneck = bottleneck
         self.image_size = image_size
+        self.grid = tower_grid(self.vision)
+        self.pooled_side = (
+            pooled_grid_side(pooled_tokens, self.grid) if bottleneck == "pooled_k" else 0
+        )
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.mapper = Mapper(width, mapper_depth)
@@ -80,94 +142,60 @@ class ExemplarEncoder(nn.Module):
             self.uncond_vector,
         ]
 
-    def clip_features(self, reference: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> frozen CLIP tokens ``(B, T, width)``, T = 1 for cls."""
+    @property
+    def context_tokens(self) -> int:
+        """T, the number of context tokens per exemplar: 1 (cls), 1 + K (pooled_k), 1 + N."""
+        if self.bottleneck == "cls":
+            return 1
+        if self.bottleneck == "pooled_k":
+            return 1 + self.pooled_side**2
+        return 1 + self.grid[0] * self.grid[1]
+
+    def tower_features(self, reference: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> frozen tower tokens ``(B, T, width)``, the pooled one
+        first."""
         if reference.shape[-1] != self.image_size or reference.shape[-2] != self.image_size:
             size = (self.image_size, self.image_size)
             reference = nn.functional.interpolate(reference, size, mode="bicubic", antialias=True)
         pixels = (reference - self.mean) / self.std
         with torch.no_grad():
-            out = self.vision(pixels)
+            pooled, patches = self.vision(pixels)
         if self.bottleneck == "cls":
-            return out[:, None]
-        pooled, tokens = out
-        return torch.cat([pooled[:, None], tokens], dim=1)
+            return pooled[:, None]
+        if self.bottleneck == "pooled_k":
+            patches = self.pool_patches(patches)
+        return torch.cat([pooled[:, None], patches], dim=1)
+
+    clip_features = tower_features  # the name from when every tower was CLIP's
+
+    def pool_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(B, N, W)`` patch tokens -> ``(B, K, W)``: averages over a sqrt(K)^2 grid of
+        regions, row by row, so each token still says where in the exemplar it looked."""
+        batch, _, width = patches.shape
+        grid = patches.transpose(1, 2).reshape(batch, width, *self.grid)
+        side = (self.pooled_side, self.pooled_side)
+        return nn.functional.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
 
     def forward(self, reference: torch.Tensor) -> torch.Tensor:
         """Exemplar images in [0, 1] -> cross-attention context ``(B, T, context_dim)``."""
-        tokens = self.mapper(self.clip_features(reference))
+        tokens = self.mapper(self.tower_features(reference))
         return self.proj_out(self.final_layer_norm(tokens))
 
     def unconditional(self, batch_size: int, tokens: int) -> torch.Tensor:
         return self.uncond_vector.expand(batch_size, tokens, -1)
 
-
-class _BelowWarningFrom(logging.Filter):
-    """Drops records under WARNING whose source file lies in ``folder``."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__()
-        self.folder = str(folder)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.folder)
-
-
-@contextmanager
-def open_clip_infos_hidden():
-    """While open_clip creates a model, its ~9 INFO lines are dropped; its warnings still show.
-
-    open_clip logs through the root logger itself (``logging.info``), so no logger's level
-    can single it out. A filter on the root logger sees only records logged on that logger
-    directly (not those propagated from named loggers), and this one drops open_clip's."""
-    root = logging.getLogger()
-    hidden = _BelowWarningFrom(Path(open_clip.__file__).parent)
-    root.addFilter(hidden)
-    try:
-        yield
-    finally:
-        root.removeFilter(hidden)
-
-
-def load_clip_vision(arch: str, checkpoint: str | None) -> tuple[nn.Module, dict]:
-    """open_clip vision tower from local weights only; returns it and its preprocess config.
-
-    ``arch`` is an open_clip model name (weights from ``checkpoint``, a local file) or
-    ``local-dir:/folder`` (``open_clip_config.json`` + weights). Hub tags are refused: they
-    would download, and a training job must not depend on the network.
-    """
-    if arch.startswith("local-dir:"):
-        folder = Path(arch.removeprefix("local-dir:"))
-        if not (folder / "open_clip_config.json").is_file():
-            raise FileNotFoundError(
-                f"no open_clip model at {folder} (needs open_clip_config.json + weights): fix "
-                "model.encoder.arch=local-dir:/path, or use model/encoder=tiny for a tiny test model"
-            )
-        with open_clip_infos_hidden():
-            model = open_clip.create_model(arch)
-    else:
-        if checkpoint is None or not Path(checkpoint).is_file():
-            raise FileNotFoundError(
-                f"no CLIP weights at {checkpoint!r} for {arch}: pass "
-                "model.encoder.checkpoint=/path/to/open_clip_pytorch_model.bin (a local file; hub "
-                "tags are not downloaded), or use model/encoder=tiny"
-            )
-        try:
-            with open_clip_infos_hidden():
-                model = open_clip.create_model(arch, pretrained=checkpoint)
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"CLIP weights at {checkpoint} do not fit model.encoder.arch={arch}: {error}"
-            ) from error
-    visual = model.visual
-    preprocess = dict(visual.preprocess_cfg)
-    return visual, preprocess
-
-
-def clip_image_size(visual: nn.Module) -> int:
-    """The square input side of an open_clip vision tower (``image_size`` is an int or a pair)."""
-    size = visual.image_size
-    return size[0] if isinstance(size, (tuple, list)) else int(size)
+    def architecture(self) -> dict:
+        """What a resumed run must share with its checkpoint, keyed by the setting to change
+        (``PaintByExampleModule.architecture``); read from the built modules."""
+        width, layers = tower_shape(self.vision)
+        return {
+            "model.encoder.family": self.family,
+            "model.encoder.bottleneck": self.bottleneck,
+            "model.encoder (context tokens)": self.context_tokens,
+            "model.encoder.mapper_depth": len(self.mapper.blocks),
+            "model.encoder (tower width x layers)": [width, layers],
+            "model.encoder (tower image size)": self.image_size,
+        }
 
 
 def build_exemplar_encoder(
@@ -176,17 +204,34 @@ def build_exemplar_encoder(
     checkpoint: str | None = None,
     bottleneck: Bottleneck = "cls",
     mapper_depth: int = 5,
+    *,
+    family: str = "clip",
+    pooled_tokens: int = 4,
+    image_size: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    load_weights: bool = True,
 ) -> ExemplarEncoder:
-    """Factory used by the config (``model/encoder``); ``context_dim`` comes from the UNet."""
-    visual, preprocess = load_clip_vision(arch, checkpoint)
-    width = visual.transformer.width
+    """Factory used by the config (``model/encoder``); ``context_dim`` comes from the UNet.
+
+    ``arch`` + ``checkpoint`` (a local file), or ``arch=local-dir:/folder``, name the tower of
+    ``family`` (``towers.py``). ``image_size`` resizes it (None: its own), ``mean`` / ``std``
+    replace the normalisation its library recorded (open_clip knows SigLIP's only from a hub
+    tag, which is never used). ``load_weights=False`` reads configs only and leaves the tower
+    random: for planning memory, never for training.
+    """
+    vision = load_tower(family, arch, checkpoint, image_size, load_weights)
+    width, _ = tower_shape(vision)
+    own_mean, own_std = tower_normalisation(vision)
     return ExemplarEncoder(
-        visual,
+        vision,
         width,
         context_dim,
-        clip_image_size(visual),
-        tuple(preprocess["mean"]),
-        tuple(preprocess["std"]),
+        tower_image_size(vision),
+        tuple(mean or own_mean),
+        tuple(std or own_std),
         bottleneck,
         mapper_depth,
+        pooled_tokens=pooled_tokens,
+        family=family,
     )

@@ -11,10 +11,18 @@ import torch.nn.functional as F
 from diffusers import SchedulerMixin
 from torch.optim import Optimizer
 
+from pbe_lightning.batch_seeds import batch_generator
 from pbe_lightning.logging_steps import is_logging_step
 from pbe_lightning.models.backbone import Backbone, vae_downscale
 from pbe_lightning.models.encoder import ExemplarEncoder
-from pbe_lightning.models.samplers import encode_latents, make_sampler, paint
+from pbe_lightning.models.samplers import (
+    LATENT_MASK_MODES,
+    encode_latents,
+    latent_mask,
+    make_sampler,
+    paint,
+)
+from pbe_lightning.stops import RunStopped
 
 DropoutMode = Literal["per_sample", "per_batch"]
 # Frozen weights come back from the user's weight files; storing them in every checkpoint
@@ -39,6 +47,7 @@ class PaintByExampleModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         compile_unet: bool = False,
         model_config: dict | None = None,
+        latent_mask: str = "nearest",
     ) -> None:
         super().__init__()
         if not 0.0 <= cfg_dropout <= 1.0:
@@ -47,6 +56,9 @@ class PaintByExampleModule(L.LightningModule):
             raise ValueError(
                 f"model.cfg_dropout_mode={cfg_dropout_mode!r}: use per_sample or per_batch"
             )
+        if latent_mask not in LATENT_MASK_MODES:
+            raise ValueError(f"model.latent_mask={latent_mask!r}: use bilinear or nearest")
+        self.latent_mask = latent_mask  # the mask channel's resize (models/samplers.py)
         self.vae = backbone.vae.requires_grad_(False).eval()
         self.unet = backbone.unet
         self.encoder = encoder
@@ -148,7 +160,7 @@ class PaintByExampleModule(L.LightningModule):
         self, batch: dict, drop: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         latents, masked_latents = self.encode_pair(batch, generator)
-        mask = F.interpolate(batch["mask"], size=latents.shape[-2:])
+        mask = latent_mask(batch["mask"], latents.shape[-2:], self.latent_mask)
         noise = torch.randn(
             latents.shape, generator=generator, device=self.device, dtype=latents.dtype
         )
@@ -162,7 +174,9 @@ class PaintByExampleModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         batch_size = batch["image"].shape[0]
-        loss = self.diffusion_loss(batch, self.draw_dropout(batch_size))
+        # The batch's own draws, different on every rank (pbe_lightning/batch_seeds.py).
+        drop = self.draw_dropout(batch_size, batch_generator(batch, "cfg_dropout", self.device))
+        loss = self.diffusion_loss(batch, drop, batch_generator(batch, "diffusion", self.device))
         # Not prog_bar: Lightning reads those back every step (the progress bar shows it).
         self.log("train/loss", loss, batch_size=batch_size)
         return loss
@@ -221,7 +235,7 @@ class PaintByExampleModule(L.LightningModule):
         noticing a few steps late loses nothing."""
         in_a_row = int(self.nonfinite_in_a_row)
         if in_a_row >= self.max_nonfinite_steps:
-            raise RuntimeError(
+            raise RunStopped(
                 f"the loss or its gradients were non-finite for {in_a_row} steps in a row "
                 f"(model.max_nonfinite_steps={self.max_nonfinite_steps}; the updates were "
                 "skipped): training diverged; lower model.optimizer.lr, set "
@@ -260,6 +274,7 @@ class PaintByExampleModule(L.LightningModule):
             steps or self.sample_steps,
             self.guidance_scale if guidance_scale is None else guidance_scale,
             generator,
+            mask_mode=self.latent_mask,
         )
 
     # -- optimisation ------------------------------------------------------------------------
@@ -286,15 +301,8 @@ class PaintByExampleModule(L.LightningModule):
         same ``model.backbone.path`` is caught too.
         """
         unet = getattr(self.unet, "_fsdp_wrapped_module", self.unet).config
-        vision = self.encoder.vision
         return {
-            "model.encoder.bottleneck": self.encoder.bottleneck,
-            "model.encoder.mapper_depth": len(self.encoder.mapper.blocks),
-            "model.encoder (CLIP width x layers)": [
-                vision.transformer.width,
-                len(vision.transformer.resblocks),
-            ],
-            "model.encoder (CLIP image size)": self.encoder.image_size,
+            **self.encoder.architecture(),  # family, bottleneck, tokens, mapper, tower shape
             "model.backbone (UNet block_out_channels)": list(unet.block_out_channels),
             "model.backbone (UNet cross_attention_dim)": unet.cross_attention_dim,
             "model.backbone (UNet layers_per_block)": unet.layers_per_block,

@@ -12,9 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from pbe_lightning.benchmark import Item
 from pbe_lightning.callbacks.edit_metrics import EditMetrics
 from pbe_lightning.demo.dataset import demo_scene
-from pbe_lightning.evaluate import Item, score
+from pbe_lightning.demo.tiny_models import tiny_clip_folder
+from pbe_lightning.evaluate import score
 from pbe_lightning.images import save_atomically
 from pbe_lightning.metrics import (
     ClipFeatures,
@@ -23,6 +25,7 @@ from pbe_lightning.metrics import (
     load_quality_model,
     save_quality_model,
 )
+from pbe_lightning.metrics.exemplar import colour_following, flat_exemplar, leakage
 from pbe_lightning.train import train
 from pbe_lightning.utils.instantiators import instantiate
 from tests.helpers.config import compose_config
@@ -37,6 +40,7 @@ def trained(tmp_path_factory, cache_dir) -> dict:
     root = tmp_path_factory.mktemp("edit_metrics")
     cfg = compose_config(root / "run", cache_dir, "ablation=mask")
     arch = cfg.callbacks.edit_metrics.clip.arch
+    assert arch == f"local-dir:{tiny_clip_folder(cache_dir)}"  # generated now if not yet
     clip = ClipFeatures.load(arch)
     scenes = [demo_scene(np.random.default_rng([5, i]), 64)[0] for i in range(12)]
     pixels = torch.stack([torch.from_numpy(np.asarray(s).copy()) for s in scenes])
@@ -57,12 +61,13 @@ def trained(tmp_path_factory, cache_dir) -> dict:
         entry(self)["real"] += [image.cpu().clone() for image in images]
         return add_real(self, images)
 
-    def record_edits(self, edits, boxes, references):
+    def record_edits(self, edits, boxes, references, known=None):
         record = entry(self)
         record["edits"] += [edit.cpu().clone() for edit in edits]
         record["boxes"] += list(boxes)
         record["refs"] += [reference.cpu().clone() for reference in references]
-        return add_edits(self, edits, boxes, references)
+        record["known"] = record.get("known", []) + list(known or [None] * len(edits))
+        return add_edits(self, edits, boxes, references, known)
 
     rng_kept = []  # whether a measurement left the global RNG as it found it
     measure = EditMetrics.measure
@@ -80,7 +85,15 @@ def trained(tmp_path_factory, cache_dir) -> dict:
         metrics = train(cfg)
     with open(root / "run" / "csv" / "version_0" / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
-    return {"root": root, "cfg": cfg, "metrics": metrics, "rows": rows, "fed": fed, "rng": rng_kept}
+    paper = [entry for entry in fed if entry["real"]]  # the swapped-exemplar scorers have none
+    return {
+        "root": root,
+        "cfg": cfg,
+        "metrics": metrics,
+        "rows": rows,
+        "fed": paper,
+        "rng": rng_kept,
+    }
 
 
 def test_off_by_default_on_in_the_recipes_and_every_ablation(tiny_cfg):
@@ -177,3 +190,35 @@ def test_a_demo_clip_folder_that_is_not_there_fails_before_training(tiny_cfg, tm
     with pytest.raises(FileNotFoundError, match="metrics_clip.arch=local-dir:"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_demo_logs_exemplar_following_and_leakage_of_swapped_exemplars(tmp_path, cache_dir):
+    """experiment=demo paints its preview again with each sample's exemplar swapped for the
+    next one's and logs the exemplar scores: the means of what each edit's truth gives."""
+    cfg = compose_config(tmp_path / "run", cache_dir, "data.val_samples=8", "trainer.max_steps=2")
+    assert {"exemplar_following", "leakage"} <= set(cfg.callbacks.edit_metrics.metrics)
+    fed: list[tuple] = []
+    add_edits = EditScores.add_edits
+
+    def record(self, edits, boxes, references, known=None):
+        if known is not None:
+            fed.extend(zip(edits, references, known))
+        return add_edits(self, edits, boxes, references, known)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EditScores, "add_edits", record)
+        train(cfg)
+    with open(tmp_path / "run" / "csv" / "version_0" / "metrics.csv") as file:
+        logged = [row for row in csv.DictReader(file) if row["val/loss"]][-1]
+    scored = [(edit, known) for edit, _, known in fed if known is not None]
+    assert len(fed) == 8 and len(scored) >= 4  # most samples give a truth
+    # Each edit was painted with the exemplar its truth describes: the next sample's.
+    references = [reference for _, reference, _ in fed]
+    for (_, _, known), reference in zip(fed, references):
+        if known is not None:
+            colour = flat_exemplar(reference[0].float()).colour
+            assert known.truth.colour == pytest.approx(colour)
+    followed = [colour_following(e[0], k.background, k.hole, k.truth)[0] for e, k in scored]
+    leaked = [leakage(e[0], k.background, k.hole, k.truth) for e, k in scored]
+    assert float(logged["val/exemplar_following"]) == pytest.approx(np.mean(followed))
+    assert float(logged["val/leakage"]) == pytest.approx(np.mean(leaked))

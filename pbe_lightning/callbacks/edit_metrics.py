@@ -4,8 +4,17 @@ Every ``every_n_validations``-th validation (0: off), the validation set, i.e. t
 fixed preview of ``data.val_shards`` (or of the training shards), is painted with a fixed seed
 (``seed`` + the index of each batch's first sample), each edit pasted into its hole and rounded
 to 8 bits (what a saved PNG holds), then scored by ``metrics.EditScores``, the code evaluate.py
-scores a benchmark with: CLIP-FID against the preview's sources, region CLIP score (the edit
-cropped to its hole's box vs the reference) and, with ``qs_model``, QS.
+scores a benchmark with, with the same definitions: FID of raw CLIP ``encode_image`` features
+against the preview's sources, the region CLIP score (the edit cropped to its hole's box vs the
+reference) and, with ``qs_model``, QS by the paper's formula. ``metrics`` selects other
+registered scores (``metrics.scores.SCORES``), each logged as ``val/<name>``.
+
+``exemplar_following`` and ``leakage`` (``metrics.exemplar``; the demo turns them on) need each
+exemplar's true colour, which the preview does not record: they hold for exemplars that are one
+flat-coloured object on a background (the demo world), whose colours are read off the exemplar
+images. The preview is painted a second time with its exemplars swapped (sample ``i`` with
+sample ``i + 1``'s), so the exemplar's background differs from the scene's and copy-pasting it
+shows; the distractor colours are other samples' exemplars (chance level ``1 / 4``).
 
 The numbers compare variants and steps of one sweep (same preview, same seed); a preview of a
 few dozen samples gives a biased FID, so they are not the benchmark's numbers: evaluate.py
@@ -21,7 +30,7 @@ scores and logs (``sync_dist=False``): there is no collective of its own.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -30,13 +39,22 @@ from torch.utils.data import DataLoader, default_collate
 
 from pbe_lightning.images import composite, mask_bounding_box
 from pbe_lightning.metrics import (
+    PAPER_METRICS,
     ClipFeatures,
     EditScores,
     GaussianMixture,
     load_quality_model_for,
 )
+from pbe_lightning.metrics.exemplar import swapped_truths
+from pbe_lightning.metrics.scores import (
+    EXEMPLAR_METRICS,
+    FID_METRICS,
+    KnownEdit,
+    check_metric_names,
+)
 
 OFF = "callbacks.edit_metrics.every_n_validations=0"
+SWAP_SAMPLES = 5  # swapped-exemplar scores: the painted exemplar and 3 distractors' donors + 1
 B32 = "/weights/clip-vit-b-32/open_clip_pytorch_model.bin"
 
 
@@ -68,16 +86,41 @@ def eight_bit(images: torch.Tensor) -> torch.Tensor:
     return images.float().clamp(0, 1).mul(255).round().div(255)
 
 
+def pasted_edits(batch: dict, painted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The painting ([-1, 1]) pasted into the hole of the batch's sources, in 8 bits, and the
+    holes (white = edit, as a user's mask file), both ``(B, C, H, W)`` in [0, 1]."""
+    source = batch["image"].float() * 0.5 + 0.5
+    hole = 1 - batch["mask"].float()
+    return eight_bit(composite(source, painted.float() * 0.5 + 0.5, hole)), hole
+
+
 def score_batch(scores: EditScores, batch: dict, painted: torch.Tensor) -> list[float]:
     """One preview batch (the model's contract) and its painted images ([-1, 1]) into
     ``scores``: real = the sources, edit = the painting pasted into the hole; returns the
     region CLIP scores."""
-    source = batch["image"].float() * 0.5 + 0.5
-    hole = 1 - batch["mask"].float()  # white = edit, as a user's mask file
-    edits = eight_bit(composite(source, painted.float() * 0.5 + 0.5, hole))
-    scores.add_real(list(eight_bit(source).split(1)))
+    edits, hole = pasted_edits(batch, painted)
+    scores.add_real(list(eight_bit(batch["image"].float() * 0.5 + 0.5).split(1)))
     boxes = [mask_bounding_box(h) for h in hole]
     return scores.add_edits(list(edits.split(1)), boxes, list(batch["reference"].split(1)))
+
+
+def score_swapped_batch(
+    scores: EditScores, batch: dict, painted: torch.Tensor, plans: list
+) -> None:
+    """A preview batch painted with swapped exemplars (``batch["reference"]`` holds them) into
+    ``scores``, each edit with its truth from ``metrics.exemplar.swapped_truths`` (None: left
+    out); the true background behind the hole is taken flat, in the scene's colour there."""
+    edits, hole = pasted_edits(batch, painted)
+    known = []
+    for edit, where, plan in zip(edits, hole, plans):
+        if plan is None:
+            known.append(None)
+            continue
+        truth, background = plan
+        flat = torch.tensor(background).view(3, 1, 1).expand_as(edit).cpu()
+        known.append(KnownEdit(truth, flat, where[0].cpu() > 0.5))
+    boxes = [mask_bounding_box(h) for h in hole]
+    scores.add_edits(list(edits.cpu().split(1)), boxes, list(batch["reference"].split(1)), known)
 
 
 class EditMetrics(L.Callback):
@@ -95,6 +138,7 @@ class EditMetrics(L.Callback):
         steps: int | None = None,
         guidance_scale: float | None = None,
         sampler: str | None = None,
+        metrics: Sequence[str] = PAPER_METRICS,
     ) -> None:
         if every_n_validations < 0:
             raise ValueError(
@@ -106,10 +150,13 @@ class EditMetrics(L.Callback):
         self.clip_arch, self.clip_checkpoint = clip.get("arch"), clip.get("checkpoint")
         self.seed, self.steps = seed, steps
         self.guidance_scale, self.sampler = guidance_scale, sampler
+        check_metric_names(list(metrics), "callbacks.edit_metrics.metrics")
+        self.metrics = tuple(metrics)
         self.qs_model: GaussianMixture | None = None
         self._clip: ClipFeatures | None = None
         self._validations = 0
         self._warned_fid = False
+        self._warned: set[str] = set()
         if self.every:  # settings fail before training starts, named by their keys
             check_clip(self.clip_arch, self.clip_checkpoint)
             if qs_model:
@@ -143,31 +190,92 @@ class EditMetrics(L.Callback):
         for name, value in values.items():  # empty except on rank zero
             pl_module.log(f"val/{name}", value, sync_dist=False, rank_zero_only=True)
 
+    def measured(self, samples: int) -> list[str]:
+        """The metrics this preview can give: no FID under 2 samples (warned once), no QS
+        without a mixture."""
+        with_mixture = self.qs_model is not None
+        names = [n for n in self.metrics if n not in ("qs", "qs_percentile") or with_mixture]
+        if samples < 2 and FID_METRICS & set(names):
+            if not self._warned_fid:
+                self._warned_fid = True
+                warnings.warn(
+                    f"callbacks.edit_metrics: FID needs at least 2 validation samples, the "
+                    f"preview has {samples}: {sorted(FID_METRICS & set(names))} not logged "
+                    "(raise data.val_samples)",
+                    stacklevel=3,
+                )
+            names = [name for name in names if name not in FID_METRICS]
+        swapped = [name for name in names if name in EXEMPLAR_METRICS]
+        if swapped and samples < SWAP_SAMPLES:
+            self.warn_once(
+                f"callbacks.edit_metrics: {swapped} need at least {SWAP_SAMPLES} validation "
+                f"samples (an exemplar and 3 distractor colours from others), the preview has "
+                f"{samples}: not logged (raise data.val_samples)"
+            )
+            names = [name for name in names if name not in EXEMPLAR_METRICS]
+        return names
+
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Paint the preview on every rank; rank zero scores it and returns the metrics."""
         loader = validation_loader(trainer)
-        dataset = loader.dataset
-        scores = None
-        if trainer.is_global_zero:
-            fid = len(dataset) >= 2
-            if not fid and not self._warned_fid:
-                self._warned_fid = True
-                warnings.warn(
-                    f"callbacks.edit_metrics: FID needs at least 2 validation samples, the "
-                    f"preview has {len(dataset)}: val/fid_clip is not logged (raise "
-                    "data.val_samples)",
-                    stacklevel=2,
-                )
-            scores = EditScores(self.metric_clip(pl_module.device), self.qs_model, fid=fid)
-        for start, batch in preview_batches(trainer, loader):
-            generator = torch.Generator(pl_module.device).manual_seed(self.seed + start)
-            painted = pl_module.paint(
-                batch, self.steps, self.guidance_scale, self.sampler, generator
-            )
+        names = self.measured(len(loader.dataset))  # the same on every rank
+        if not names:
+            return {}
+        batches = list(preview_batches(trainer, loader))
+        paper = [name for name in names if name not in EXEMPLAR_METRICS]
+        swapped = [name for name in names if name in EXEMPLAR_METRICS]
+        values = {}
+        if paper:
+            values |= self.score_preview(trainer, pl_module, batches, paper)
+        if swapped:
+            values |= self.score_swapped(trainer, pl_module, batches, swapped)
+        return values
+
+    def paint(self, pl_module: L.LightningModule, start: int, batch: dict) -> torch.Tensor:
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed + start)
+        return pl_module.paint(batch, self.steps, self.guidance_scale, self.sampler, generator)
+
+    def scores(self, trainer: L.Trainer, device: torch.device, names: list[str], **truth):
+        """Rank zero's ``EditScores`` for ``names`` (None elsewhere: only it scores)."""
+        if not trainer.is_global_zero:
+            return None
+        return EditScores(self.metric_clip(device), self.qs_model, metrics=names, **truth)
+
+    def score_preview(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batches: list, names: list[str]
+    ) -> dict[str, float]:
+        scores = self.scores(trainer, pl_module.device, names)
+        for start, batch in batches:
+            painted = self.paint(pl_module, start, batch)
             if scores is not None:
                 score_batch(scores, batch, painted)
         return scores.compute() if scores is not None else {}
+
+    def score_swapped(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batches: list, names: list[str]
+    ) -> dict[str, float]:
+        """The preview painted again, each sample with the next one's exemplar (module
+        docstring), and scored against the truth read off the flat exemplars."""
+        references = torch.cat([batch["reference"] for _, batch in batches])
+        plans = swapped_truths(references.float().cpu())
+        rolled = references.roll(-1, dims=0)
+        scores = self.scores(trainer, pl_module.device, names, ground_truth=True)
+        for start, batch in batches:
+            count = batch["reference"].shape[0]
+            swapped = {**batch, "reference": rolled[start : start + count]}
+            painted = self.paint(pl_module, start, swapped)
+            if scores is not None:
+                score_swapped_batch(scores, swapped, painted, plans[start : start + count])
+        values = scores.compute() if scores is not None else {}
+        for name, why in (scores.skipped if scores is not None else {}).items():
+            self.warn_once(f"callbacks.edit_metrics: {name} not logged: {why}")
+        return values
+
+    def warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=2)
 
 
 def validation_loader(trainer: L.Trainer) -> DataLoader:

@@ -10,18 +10,18 @@ from omegaconf import DictConfig
 
 import pbe_lightning.utils.resolvers  # noqa: F401  (${pbe.*}: Hydra resolves the run folder first)
 from pbe_lightning.shutdown import SHUTDOWN
+from pbe_lightning.stops import stops_as_errors
 from pbe_lightning.utils.overrides import quote_brace_patterns
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from pbe_lightning.train import train  # after SHUTDOWN.install(): torch loads for seconds
-    from pbe_lightning.utils.config_checks import ConfigError
 
-    try:
+    # A decided stop (every config mistake, a refused checkpoint, broken data, divergence):
+    # "error: ..." lines naming the fix, exit 1; a bug keeps its traceback.
+    with stops_as_errors():
         train(cfg)
-    except ConfigError as error:  # one line naming the key and the fix, not a traceback
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

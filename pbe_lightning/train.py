@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -23,11 +24,15 @@ from pbe_lightning.checkpoints import (
     check_same_architecture,
     newest_readable,
     remove_stale_writes,
+    saved_architecture,
 )
 from pbe_lightning.models.build import build_model
+from pbe_lightning.peers import PeerWatch
+from pbe_lightning.safe_load import trusted_files
 from pbe_lightning.shutdown import EXIT_STALLED, SHUTDOWN, StalledShutdown
 from pbe_lightning.slurm import cluster_plugins, requeue_job
-from pbe_lightning.utils.config_checks import check_config
+from pbe_lightning.stops import RunStopped
+from pbe_lightning.utils.config_checks import check_config, value
 from pbe_lightning.utils.console import quiet_console
 from pbe_lightning.utils.instantiators import instantiate, instantiate_each
 from pbe_lightning.utils.loggers import finish_loggers, keep_one_wandb_run, save_resolved_config
@@ -45,8 +50,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """
     path = cfg.get("ckpt_path")
     if path != "last":
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(
+        if path and not Path(path).is_file():  # check_config says so first
+            raise RunStopped(
                 f"ckpt_path={path} does not exist: pass an existing checkpoint or ckpt_path=last"
             )
         return path
@@ -57,6 +62,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return None
     log.info("resuming from %s", found)
     return str(found)
+
+
+def trusted_by_user(cfg: DictConfig) -> list[str]:
+    """What ``trust_checkpoint=true`` lets load with ``weights_only=False`` (it can run code
+    from them): the checkpoint to resume (``ckpt_path=last``: this run folder's checkpoints)
+    and ``model.init_from``. Nothing without it."""
+    if value(cfg, "trust_checkpoint") is not True:
+        return []
+    ckpt_path, init_from = value(cfg, "ckpt_path"), value(cfg, "model.init_from")
+    if ckpt_path == "last":
+        ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints")
+    return [p for p in (ckpt_path, init_from) if isinstance(p, str) and p]
 
 
 def resuming_in_place(cfg: DictConfig, ckpt_path: str | None) -> bool:
@@ -85,7 +102,7 @@ def make_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
     summary = summary and not any(isinstance(c, ModelSummary) for c in callbacks)
     return instantiate(
         cfg.trainer,
-        callbacks=callbacks,
+        callbacks=[*callbacks, PeerWatch()],  # several ranks: a signal asks who is gone
         logger=loggers or False,
         enable_model_summary=summary,
         plugins=[*plugins, AtomicCheckpointIO(), *cluster_plugins()],
@@ -99,8 +116,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     this returns normally then, so the process exits 0, and the job is requeued if the
     signal was the scheduler's requeue signal.
 
-    A config value that cannot work raises :class:`~pbe_lightning.utils.config_checks.ConfigError`
-    (one line: the key and the fix) before anything is built or loaded.
+    Config values that cannot work raise :class:`~pbe_lightning.utils.config_checks.ConfigError`
+    (one line per problem: the key and the fix) before anything is built or loaded; other
+    decided stops raise :class:`~pbe_lightning.stops.RunStopped`. A checkpoint or weight file
+    holding more than tensors is refused unless ``trust_checkpoint=true`` (``safe_load.py``).
     """
     if SHUTDOWN.saved:  # a multirun's next job, after Ctrl-C or a scheduler's signal
         log.warning("not starting %s: %s was received", cfg.paths.output_dir, SHUTDOWN.signal_name)
@@ -109,7 +128,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         SHUTDOWN.reset()
     replaced = SHUTDOWN.install()  # nothing when train.py already did, at start-up
     try:
-        return fit(cfg)
+        with trusted_files(*trusted_by_user(cfg)):
+            return fit(cfg)
     finally:
         SHUTDOWN.restore(replaced)
 
@@ -118,16 +138,24 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     """The body of ``train``, with shutdown signals handled."""
     check_config(cfg)
     quiet_console()
+    if cfg.get("torch_threads"):  # experiment=demo: 1, its data worker has the other core
+        torch.set_num_threads(cfg.torch_threads)
+    # The same seed on every rank: identical initial weights (the UNet's new input channels,
+    # the mapper, the learnable vector). Draws during training differ per rank: the batch's own
+    # generators (pbe_lightning/batch_seeds.py) and callbacks.rng_state for the global ones.
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed: config_resolved.yaml
     # Data first: a wrong shard path fails in milliseconds, before any weights load.
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     ckpt_path = resolve_ckpt_path(cfg)
+    # Read (safely) before the model is built: a file that would run code is refused at once.
+    saved = saved_architecture(Path(ckpt_path)) if ckpt_path else None
     model = build_model(cfg.model)
     if ckpt_path:
         check_same_architecture(
             Path(ckpt_path),
+            saved,
             model.architecture(datamodule.spec.resolution),
             cfg.get("allow_architecture_change", False),
         )

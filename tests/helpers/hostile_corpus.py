@@ -310,7 +310,6 @@ def json_cases() -> list[Case]:
         "boxes_empty": ([], "no_valid_box"),
         "box_tiny_area": ([[40, 20, 45, 25]], "no_valid_box"),
         "box_whole_image": ([[0, 0, 192, 128]], "no_valid_box"),
-        "box_wider_than_short_side": ([[0, 40, 192, 80]], "no_valid_box"),
         "boxes_over_max_boxes": ([[40, 20, 100, 80]] * 1001, "too_many_boxes"),
     }
     raw.update({name: (meta(boxes), reason) for name, (boxes, reason) in geometry.items()})

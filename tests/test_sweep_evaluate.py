@@ -1,4 +1,4 @@
-"""``python -m pbe_lightning.sweeps.evaluate``: every checkpoint of a sweep evaluated as
+"""``python -m pbe_lightning.sweeps.eval_sweep``: every checkpoint of a sweep evaluated as
 evaluate.py evaluates it, in one table per variant and step beside training's numbers; reruns
 reuse what is finished; W&B gets the table in the sweep's group."""
 
@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from pbe_lightning.demo.tiny_models import tiny_clip_folder
-from pbe_lightning.sweeps.evaluate import main
+from pbe_lightning.sweeps.eval_sweep import main
 from tests.helpers.benchmarks import real_images, released_benchmark
 from tests.helpers.processes import finish, start_train
 from tests.test_wandb_artifacts import of_type, wandb_records
@@ -164,7 +164,7 @@ def test_mistakes_are_one_line_each_before_anything_is_painted(sweep, tmp_path, 
 @pytest.mark.slow
 def test_under_torchrun_every_checkpoint_is_split_over_the_processes(sweep):
     out = sweep["sweep"].parent / "torchrun"
-    launcher = ["--standalone", "--nproc-per-node=2", "-m", "pbe_lightning.sweeps.evaluate"]
+    launcher = ["--standalone", "--nproc-per-node=2", "-m", "pbe_lightning.sweeps.eval_sweep"]
     args = [*launcher, str(sweep["sweep"]), *sweep["args"][:-2], "--out", str(out)]
     process = start_train(args, out.parent, sweep["cache"], "torch.distributed.run")
     result = finish(process, timeout=600)

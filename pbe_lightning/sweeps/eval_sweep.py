@@ -1,9 +1,9 @@
 """Evaluate every checkpoint of a sweep on a benchmark, in one table.
 
-    python -m pbe_lightning.sweeps.evaluate multirun/train/<stamp> benchmark=COCOEE \\
+    python -m pbe_lightning.sweeps.eval_sweep multirun/train/<stamp> benchmark=COCOEE \\
         real_images=test_set_GT clip.checkpoint=/weights/clip_b32.bin qs_model=qs_gmm.npz \\
         [--checkpoints 'step_*.ckpt'] [--out DIR] [key=value ...]
-    torchrun --nproc-per-node=8 -m pbe_lightning.sweeps.evaluate ...   # each checkpoint on 8 GPUs
+    torchrun --nproc-per-node=8 -m pbe_lightning.sweeps.eval_sweep ...   # each checkpoint on 8 GPUs
 
 ``key=value``: evaluate.py's settings (``conf/eval.yaml``), the same for every checkpoint. Each
 job's checkpoints (one per global step: ``sweeps.checkpoints``) are evaluated one after the
@@ -205,7 +205,7 @@ def evaluate_sweep(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pbe_lightning.sweeps.evaluate",
+        prog="python -m pbe_lightning.sweeps.eval_sweep",
         description="Evaluate every checkpoint of a sweep (python train.py -m ...) on a "
         "benchmark as evaluate.py does, and write one table of the metrics per variant and step.",
     )

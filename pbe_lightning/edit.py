@@ -29,7 +29,7 @@ from PIL import Image
 from pbe_lightning.images import read_image, read_user_mask, save_atomically
 from pbe_lightning.inference import edit_photo, load_editor, pick_device
 from pbe_lightning.models.samplers import SAMPLERS
-from pbe_lightning.safe_load import trusted_files
+from pbe_lightning.safe_load import add_trust_flag, trusted_files
 from pbe_lightning.stops import RunStopped, stops_as_errors
 
 
@@ -53,12 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context", type=float, default=0.3, help="margin / mask box side")
     parser.add_argument("--resolution", type=int, default=None, help="default: the training one")
     parser.add_argument("--device", default="auto")
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="load a checkpoint that holds more than tensors (weights_only=False): it can run "
-        "code from the file, so only for a file whose origin you trust",
-    )
+    add_trust_flag(parser)
     return parser
 
 

@@ -43,7 +43,7 @@ from pbe_lightning.convert.official import to_official_layout
 from pbe_lightning.convert.pipeline import build_pipeline, check_clip_family, save_pipeline
 from pbe_lightning.models.build import load_trained
 from pbe_lightning.models.module import PaintByExampleModule
-from pbe_lightning.safe_load import load_checkpoint, trusted_files
+from pbe_lightning.safe_load import add_trust_flag, load_checkpoint, trusted_files
 from pbe_lightning.stops import RunStopped, stops_as_errors
 from pbe_lightning.utils.loggers import log_export_artifact
 
@@ -191,12 +191,7 @@ def make_parser() -> argparse.ArgumentParser:
         "id> or official-<run id>) from a job_type=export run in the training run's group; "
         "offline when the training run was or WANDB_MODE=offline",
     )
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="load a checkpoint that holds more than tensors (weights_only=False): it can run "
-        "code from the file, so only for a file whose origin you trust",
-    )
+    add_trust_flag(parser)
     return parser
 
 

@@ -18,6 +18,7 @@ file; this is per file, and it names the refused type in the message.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 import re
@@ -130,3 +131,13 @@ def read_tensors(path: str | Path, fix: str = RESAVE_FIX) -> dict[str, torch.Ten
         return load_file(str(path))
     checkpoint = load_checkpoint(path, fix=fix)
     return checkpoint.get("state_dict", checkpoint)
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint``, the command-line opt-in of ``trust_checkpoint=true`` (edit, export)."""
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a checkpoint that holds more than tensors (weights_only=False): it can run "
+        "code from the file, so only for a file whose origin you trust",
+    )

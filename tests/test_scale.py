@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,14 @@ import yaml
 
 from tests.helpers.config import REPO, SMALL_SHARDS, TINY
 from tests.helpers.draws import read_draws
-from tests.helpers.processes import finish, free_port, kill_group, run_train, start_train
+from tests.helpers.processes import (
+    finish,
+    free_port,
+    kill_group,
+    run_train,
+    start_train,
+    wait_for_step,
+)
 
 SMALL = [
     *TINY,
@@ -217,22 +223,6 @@ def test_every_rank_draws_its_own_noise_timesteps_dropout_masks_and_augmentation
     assert weights[1]["perturbed"] != weights[1]["built"]
     assert weights[0]["wrapped"] == weights[1]["wrapped"] == weights[0]["built"]
     assert weights[0]["global_rng"] != weights[1]["global_rng"]  # seeded per rank for training
-
-
-def wait_for_step(
-    process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240
-) -> None:
-    """Until tests.helpers.callbacks.Pace says a rank reached ``step``."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if int((run_dir / "step").read_text()) >= step:
-                return
-        except (FileNotFoundError, ValueError):
-            pass
-        time.sleep(0.02)
-    kill_group(process)
-    raise AssertionError(f"step {step} not reached (rc {process.returncode})")
 
 
 @pytest.mark.slow

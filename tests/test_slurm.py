@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.config import REPO, TINY
-from tests.helpers.processes import finish, kill_group, run_train, start_train
+from tests.helpers.processes import finish, kill_group, reached_step, run_train, start_train
 from tests.helpers.slurm_cluster import job_field, missing_binaries, slurm_cluster, wait_for_job
 
 pytestmark = [
@@ -101,13 +101,6 @@ def submit_command(args: list[str], env: dict) -> str:
         ["sbatch", "--parsable", *args], env=env, capture_output=True, text=True, check=True
     )
     return submitted.stdout.strip().split(";")[0]
-
-
-def reached_step(run_dir: Path) -> int:
-    try:
-        return int((run_dir / "step").read_text())
-    except (FileNotFoundError, ValueError):
-        return -1
 
 
 def log_of(tmp_path: Path, job_id: str) -> str:

@@ -1,8 +1,13 @@
 """W&B online with no server to reach: the run waits ``logger.wandb.init_timeout_s``, then
 trains and logs offline into the same run id, with one warning. The server is a closed port on
-this machine (connection refused), the key a well-formed dummy."""
+this machine (connection refused), the key a well-formed dummy. The run is launched once from a
+plain process and once from one that runs W&B itself (a launcher, a sweep agent, pytest after
+an in-process W&B test): its child inherits WANDB_SERVICE, a service the child cannot stop and
+that keeps holding the failed online attempt's run id."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -10,9 +15,23 @@ from tests.helpers.config import TINY
 from tests.helpers.processes import free_port, run_train
 
 
+@pytest.fixture(params=["own service", "inherited service"])
+def launcher_service(request, tmp_path_factory):
+    """Nothing, or a live W&B service of this process exported in WANDB_SERVICE."""
+    if request.param == "own service":
+        yield None
+        return
+    import wandb
+
+    run = wandb.init(mode="offline", dir=tmp_path_factory.mktemp("launcher"), project="launcher")
+    run.finish()
+    yield os.environ["WANDB_SERVICE"]
+    wandb.teardown()  # stops it and takes WANDB_SERVICE out of the environment
+
+
 @pytest.mark.slow
 def test_wandb_online_without_a_reachable_server_trains_offline_after_its_timeout(
-    tmp_path, cache_dir
+    tmp_path, cache_dir, launcher_service
 ):
     run_dir = tmp_path / "run"
     unreachable = {

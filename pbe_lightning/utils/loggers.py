@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import string
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,22 +157,7 @@ class WandbLogger(LightningWandbLogger):
             if self._experiment is not None or not server_unreachable(error):
                 raise
             go_offline(self._wandb_init, error, self._init_timeout_s)
-            return self._start_offline()
-
-    def _start_offline(self, attempts: int = 5) -> Any:
-        """The offline run, retried while W&B's restarted service still holds the failed
-        online attempt's id ("run ID ... is in use": seen under load, teardown being async)."""
-        import wandb
-
-        for attempt in range(attempts):
-            try:
-                return super().experiment
-            except Exception as error:
-                if "is in use" not in str(error) or attempt == attempts - 1:
-                    raise
-                wandb.teardown()
-                time.sleep(1.0 + attempt)
-        raise AssertionError("unreachable")
+            return super().experiment
 
     def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:
         import wandb

@@ -40,12 +40,18 @@ def go_offline(wandb_init: dict, error: BaseException, seconds: float) -> None:
     import wandb
 
     # W&B's service still holds the failed attempt's run id ("run ID ... is in use"), and the
-    # offline run keeps that id (one run per run folder): stop the service; init starts anew.
+    # offline run keeps that id (one run per run folder): stop our service; init starts anew.
     wandb.teardown()
+    # A service this process inherited (WANDB_SERVICE, exported by a parent that ran W&B: a
+    # launcher, a sweep agent, a notebook) is not ours to stop and keeps holding the id, so the
+    # offline run starts a service of its own.
+    inherited = os.environ.pop("WANDB_SERVICE", None)
     wandb_init["mode"] = "offline"
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     folder = wandb_init.get("dir") or "."
+    if inherited:
+        log.info("the offline run uses its own W&B service, not the inherited WANDB_SERVICE")
     log.warning(
         "W&B server %s did not answer within %.0f s (%s): logging this run offline under "
         "%s/wandb; `wandb sync` uploads it later (logger.wandb.init_timeout_s sets the wait)",

@@ -19,6 +19,7 @@ from pbe_lightning.demo.tiny_models import (
 )
 from pbe_lightning.demo.world import SHAPES, random_scene, silhouette
 from pbe_lightning.metrics.features import ClipFeatures
+from pbe_lightning.models import lr_schedules
 from pbe_lightning.models.backbone import load_backbone
 from pbe_lightning.models.encoder import build_exemplar_encoder
 from pbe_lightning.models.samplers import encode_latents
@@ -140,3 +141,30 @@ def test_a_training_hole_from_a_recorded_box_hides_the_whole_object():
             )
             alpha = silhouette(thing.shape, thing.box, size)
             assert alpha[~inside].max(initial=0) == 0, (seed, thing.shape)
+
+
+def test_the_demo_learning_rate_warms_up_then_decays_to_zero_at_its_last_step(tiny_cfg):
+    cfg = tiny_cfg("experiment=demo", "trainer.max_steps=300")
+    assert cfg.model.lr_scheduler.total_steps == 300  # follows trainer.max_steps
+    warmup = cfg.model.lr_scheduler.warmup_steps
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = instantiate(cfg.model.lr_scheduler)(optimizer)
+    factors = []
+    for _ in range(300):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert factors[0] == 0.0 and factors[warmup] == pytest.approx(1.0)
+    assert all(b <= a for a, b in zip(factors[warmup:], factors[warmup + 1 :]))
+    assert factors[-1] < 1e-3
+
+
+def test_a_run_shorter_than_the_warmup_still_warms_up_and_decays():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = lr_schedules.warmup_cosine(optimizer, warmup_steps=50, total_steps=6)
+    factors = []
+    for _ in range(6):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert factors[0] == 0.0 and max(factors) == pytest.approx(1.0) and factors[-1] < 0.3

@@ -172,7 +172,7 @@ def test_evaluate_scores_exemplar_following_and_leakage_with_their_chance_levels
 def test_training_the_demo_lifts_exemplar_following_well_above_chance(tmp_path, cache_dir):
     """The default demo run (``python train.py``, without its in-training edit metrics),
     then painted on a toy benchmark whose exemplars come from other scenes: the hole takes the
-    exemplar's colour far more often than chance (0.25 with 3 distractors). About 5 minutes
+    exemplar's colour far more often than chance (0.25 with 3 distractors). About 6 minutes
     on two cores."""
     run = tmp_path / "run"
     result = run_train(
@@ -190,5 +190,6 @@ def test_training_the_demo_lifts_exemplar_following_well_above_chance(tmp_path, 
     )
     summary = json.loads(out.read_text())["summary"]
     assert summary["colour_chance"] == 0.25
-    # ~0.6 on 200 items; 0.45 is over two standard errors below that with 48 items.
-    assert summary["colour_following"] >= 0.45, summary
+    # 0.885 on 200 items (0.85 on these 48); 0.7 is over three standard errors below that with
+    # 48 items, and above what the demo reached with a constant learning rate (0.61).
+    assert summary["colour_following"] >= 0.7, summary
